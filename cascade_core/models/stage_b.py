@@ -1,0 +1,281 @@
+"""The Stable Cascade Stage B decoder (official `modules/stage_b.py`), with SDPA attention.
+
+Stage B turns a Stage C latent (the `effnet` condition) plus the pooled text embedding into a Stage A
+latent by diffusion. It shares every block with Stage C (`blocks.py`); what differs is the 4-level UNet
+with real 2x down/up-sampling (strided conv / transposed conv), the effnet and pixel mappers, and a
+pooled-text-only conditioning (`clip_mapper`). Keys are exactly those of `stage_b*.safetensors`.
+We never train Stage B, so there is no official init here: build on meta and load a checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from cascade_core.models.blocks import (
+    AttnBlock,
+    FeedForwardBlock,
+    LayerNorm2d,
+    ResBlock,
+    TimestepBlock,
+    apply_block,
+    r_embedding,
+)
+
+__all__ = ["StageBConfig", "StageB", "STAGE_B_PRESETS"]
+
+_BLOCK_TYPES = frozenset("CTAF")
+DEFAULT_PIXELS_SIZE = 8  # official default `pixels`: zeros [B, 3, 8, 8]
+
+
+def _tuple2(value: Any) -> tuple:
+    return tuple(tuple(v) for v in value)
+
+
+@dataclass(frozen=True)
+class StageBConfig:
+    """Constructor arguments of the official StageB (defaults = the large "3B" decoder, 1.56B params)."""
+
+    c_in: int = 4
+    c_out: int = 4
+    c_r: int = 64
+    patch_size: int = 2
+    c_cond: int = 1280
+    c_hidden: tuple[int, ...] = (320, 640, 1280, 1280)
+    nhead: tuple[int, ...] = (-1, -1, 20, 20)  # -1: the level has no attention
+    blocks: tuple[tuple[int, ...], ...] = ((2, 6, 28, 6), (6, 28, 6, 2))  # (down per level, up deepest-first)
+    block_repeat: tuple[tuple[int, ...], ...] = ((1, 1, 1, 1), (3, 3, 2, 2))  # same order as blocks
+    level_config: tuple[str, ...] = ("CT", "CT", "CTA", "CTA")
+    c_clip: int = 1280
+    c_clip_seq: int = 4
+    c_effnet: int = 16
+    c_pixels: int = 3
+    kernel_size: int = 3
+    dropout: tuple[float, ...] = (0.0, 0.0, 0.1, 0.1)
+    self_attn: bool = True
+    t_conds: tuple[str, ...] = ("sca",)
+
+    def __post_init__(self) -> None:
+        for name in ("c_hidden", "nhead", "level_config", "dropout", "t_conds"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "blocks", _tuple2(self.blocks))
+        object.__setattr__(self, "block_repeat", _tuple2(self.block_repeat))
+        n = len(self.c_hidden)
+        problems = []
+        for name in ("nhead", "level_config", "dropout"):
+            if len(getattr(self, name)) != n:
+                problems.append(f"{name} has {len(getattr(self, name))} entries, c_hidden has {n}")
+        for name in ("blocks", "block_repeat"):
+            value = getattr(self, name)
+            if len(value) != 2 or any(len(v) != n for v in value):
+                problems.append(f"{name} must be [down, up] with {n} entries each, got {value}")
+        if any(r < 1 for v in self.block_repeat for r in v):
+            problems.append(f"block_repeat entries must be >= 1, got {self.block_repeat}")
+        for i, letters in enumerate(self.level_config):
+            if not letters or set(letters) - _BLOCK_TYPES:
+                problems.append(f"level_config[{i}]={letters!r} may only use the letters C, T, A, F")
+            elif "A" in letters and (self.nhead[i] <= 0 or self.c_hidden[i] % self.nhead[i]):
+                problems.append(f"level {i}: c_hidden {self.c_hidden[i]} is not a multiple of nhead {self.nhead[i]}")
+        if problems:
+            raise ValueError("invalid StageBConfig: " + "; ".join(problems))
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> StageBConfig:
+        """A named configuration ('decoder', 'decoder_lite', 'tiny'), optionally with overrides."""
+        if name not in STAGE_B_PRESETS:
+            raise ValueError(f"unknown Stage B preset {name!r}; choose one of {sorted(STAGE_B_PRESETS)}")
+        return dataclasses.replace(STAGE_B_PRESETS[name], **overrides)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> StageBConfig:
+        """From official constructor kwargs (extra keys are rejected with their names)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown StageBConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Official constructor kwargs as JSON-friendly lists."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("blocks", "block_repeat"):
+                out[f.name] = [list(v) for v in value]
+            else:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+STAGE_B_PRESETS: dict[str, StageBConfig] = {
+    "decoder": StageBConfig(),
+    # train_b.py's 700M model: only these four arguments differ from the defaults.
+    "decoder_lite": StageBConfig(
+        c_hidden=(320, 576, 1152, 1152), nhead=(-1, 9, 18, 18),
+        blocks=((2, 4, 14, 4), (4, 14, 4, 2)), block_repeat=((1, 1, 1, 1), (2, 2, 2, 2)),
+    ),
+    # The golden test model (golden/stage_b_tiny): 4 widths, attention on two levels, up-path repeats.
+    "tiny": StageBConfig(
+        c_cond=32, c_hidden=(16, 24, 32, 32), nhead=(-1, -1, 2, 4),
+        blocks=((1, 2, 1, 1), (2, 1, 1, 1)), c_clip=24,
+    ),
+}
+
+
+def _mapper(c_in: int, c_out: int, kw: dict) -> nn.Sequential:
+    """Conv1x1(c_in -> 4 c_out) -> GELU -> Conv1x1(-> c_out) -> LN2d (keys .0, .2)."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out * 4, kernel_size=1, **kw),
+        nn.GELU(),
+        nn.Conv2d(c_out * 4, c_out, kernel_size=1, **kw),
+        LayerNorm2d(c_out),
+    )
+
+
+def _resize(x: Tensor, size: torch.Size | tuple[int, int], dtype: torch.dtype) -> Tensor:
+    # The official code interpolates in float32 (bilinear, align_corners=True).
+    return F.interpolate(x.float(), size=tuple(size), mode="bilinear", align_corners=True).to(dtype)
+
+
+class StageB(nn.Module):
+    """Stage B: model(x, r, effnet, clip, pixels=None, sca=None) -> predicted noise like x."""
+
+    def __init__(self, config: StageBConfig | None = None, *, device=None, dtype=None) -> None:
+        super().__init__()
+        cfg = config or StageBConfig()
+        self.config = cfg
+        kw = {"device": device, "dtype": dtype}
+        hidden, n = cfg.c_hidden, len(cfg.c_hidden)
+
+        self.effnet_mapper = _mapper(cfg.c_effnet, hidden[0], kw)
+        self.pixels_mapper = _mapper(cfg.c_pixels, hidden[0], kw)
+        self.clip_mapper = nn.Linear(cfg.c_clip, cfg.c_cond * cfg.c_clip_seq, **kw)
+        self.clip_norm = nn.LayerNorm(cfg.c_cond, elementwise_affine=False, eps=1e-6)
+        self.embedding = nn.Sequential(
+            nn.PixelUnshuffle(cfg.patch_size),
+            nn.Conv2d(cfg.c_in * cfg.patch_size**2, hidden[0], kernel_size=1, **kw),
+            LayerNorm2d(hidden[0]),
+        )
+
+        def block(letter: str, i: int, c_skip: int = 0) -> nn.Module:
+            c, p = hidden[i], cfg.dropout[i]
+            if letter == "C":
+                return ResBlock(c, c_skip, kernel_size=cfg.kernel_size, dropout=p, **kw)
+            if letter == "A":
+                return AttnBlock(c, cfg.c_cond, cfg.nhead[i], self_attn=cfg.self_attn, dropout=p, **kw)
+            if letter == "F":
+                return FeedForwardBlock(c, dropout=p, **kw)
+            return TimestepBlock(c, cfg.c_r, conds=cfg.t_conds, **kw)
+
+        self.down_blocks, self.down_downscalers, self.down_repeat_mappers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for i in range(n):
+            self.down_downscalers.append(
+                nn.Sequential(LayerNorm2d(hidden[i - 1]),
+                              nn.Conv2d(hidden[i - 1], hidden[i], kernel_size=2, stride=2, **kw))
+                if i > 0 else nn.Identity()
+            )
+            self.down_blocks.append(
+                nn.ModuleList([block(t, i) for _ in range(cfg.blocks[0][i]) for t in cfg.level_config[i]])
+            )
+            self.down_repeat_mappers.append(
+                nn.ModuleList([nn.Conv2d(hidden[i], hidden[i], 1, **kw) for _ in range(cfg.block_repeat[0][i] - 1)])
+            )
+
+        self.up_blocks, self.up_upscalers, self.up_repeat_mappers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for i in reversed(range(n)):  # up_blocks.0 is the deepest level
+            self.up_upscalers.append(
+                nn.Sequential(LayerNorm2d(hidden[i]),
+                              nn.ConvTranspose2d(hidden[i], hidden[i - 1], kernel_size=2, stride=2, **kw))
+                if i > 0 else nn.Identity()
+            )
+            level = nn.ModuleList()
+            for j in range(cfg.blocks[1][::-1][i]):
+                for k, t in enumerate(cfg.level_config[i]):
+                    c_skip = hidden[i] if i < n - 1 and j == k == 0 else 0  # first ResBlock takes the long skip
+                    level.append(block(t, i, c_skip))
+            self.up_blocks.append(level)
+            self.up_repeat_mappers.append(
+                nn.ModuleList(
+                    [nn.Conv2d(hidden[i], hidden[i], 1, **kw) for _ in range(cfg.block_repeat[1][::-1][i] - 1)]
+                )
+            )
+
+        self.clf = nn.Sequential(
+            LayerNorm2d(hidden[0]),
+            nn.Conv2d(hidden[0], cfg.c_out * cfg.patch_size**2, kernel_size=1, **kw),
+            nn.PixelShuffle(cfg.patch_size),
+        )
+
+    def embed_r(self, r: Tensor, **conds: Tensor | None) -> Tensor:
+        """[B] noise level (+ t_conds, default 0) -> [B, c_r * (1 + len(t_conds))]."""
+        parts = [r_embedding(r, self.config.c_r)]
+        for name in self.config.t_conds:
+            value = conds.get(name)
+            parts.append(r_embedding(torch.zeros_like(r) if value is None else value.to(r), self.config.c_r))
+        return torch.cat(parts, dim=1)
+
+    def embed_clip(self, clip: Tensor) -> Tensor:
+        """Pooled text [B,1,c_clip] (or [B,c_clip]) -> c_clip_seq LayerNorm'd tokens [B, 4, c_cond]."""
+        if clip.dim() == 2:
+            clip = clip[:, None]
+        b, s = clip.shape[:2]
+        return self.clip_norm(self.clip_mapper(clip).view(b, s * self.config.c_clip_seq, -1))
+
+    def forward(
+        self,
+        x: Tensor,
+        r: Tensor,
+        effnet: Tensor,
+        clip: Tensor,
+        pixels: Tensor | None = None,
+        sca: Tensor | None = None,
+    ) -> Tensor:
+        """x [B,4,H,W] (H, W even), r [B], effnet [B,16,h,w] (any size), clip [B,1,1280] -> [B,4,H,W]."""
+        cfg = self.config
+        b = x.shape[0]
+        if x.dim() != 4 or x.shape[1] != cfg.c_in:
+            raise ValueError(f"StageB expects x of shape [B, {cfg.c_in}, H, W], got {tuple(x.shape)}")
+        if x.shape[-2] % cfg.patch_size or x.shape[-1] % cfg.patch_size:
+            raise ValueError(f"StageB needs H and W divisible by patch_size {cfg.patch_size}, got {tuple(x.shape)}")
+        if r.dim() != 1 or r.shape[0] != b:
+            raise ValueError(f"StageB expects r of shape [{b}], got {tuple(r.shape)}")
+        if effnet.dim() != 4 or effnet.shape[:2] != (b, cfg.c_effnet):
+            raise ValueError(f"StageB expects effnet of shape [{b}, {cfg.c_effnet}, h, w], got {tuple(effnet.shape)}")
+        dtype = x.dtype
+        if pixels is None:
+            pixels = x.new_zeros(b, cfg.c_pixels, DEFAULT_PIXELS_SIZE, DEFAULT_PIXELS_SIZE)
+        r_embed = self.embed_r(r, sca=sca).to(dtype)  # [B, c_r * (1 + n_conds)]
+        clip_tokens = self.embed_clip(clip.to(dtype))  # [B, 4, c_cond]
+
+        x = self.embedding(x)  # [B, c_hidden[0], H/2, W/2]
+        size = x.shape[-2:]
+        x = x + self.effnet_mapper(_resize(effnet, size, dtype))  # resize, then map
+        x = x + _resize(self.pixels_mapper(pixels.to(dtype)), size, dtype)  # map, then resize
+
+        levels: list[Tensor] = []
+        for blocks, downscaler, repmap in zip(self.down_blocks, self.down_downscalers, self.down_repeat_mappers):
+            x = downscaler(x)  # halves H, W for levels > 0 (floor for odd sizes)
+            for rep in range(len(repmap) + 1):
+                for blk in blocks:
+                    x = apply_block(blk, x, r_embed, clip_tokens)
+                if rep < len(repmap):
+                    x = repmap[rep](x)
+            levels.insert(0, x)
+
+        x = levels[0]
+        for u, (blocks, upscaler, repmap) in enumerate(zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers)):
+            for rep in range(len(repmap) + 1):
+                for k, blk in enumerate(blocks):
+                    skip = levels[u] if k == 0 and u > 0 and isinstance(blk, ResBlock) else None
+                    if skip is not None and x.shape[-2:] != skip.shape[-2:]:
+                        x = _resize(x, skip.shape[-2:], dtype)  # odd sizes: the upscaler undershoots
+                    x = apply_block(blk, x, r_embed, clip_tokens, skip)
+                if rep < len(repmap):
+                    x = repmap[rep](x)
+            x = upscaler(x)
+        return self.clf(x)

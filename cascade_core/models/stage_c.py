@@ -1,0 +1,338 @@
+"""The Stable Cascade Stage C prior (official `modules/stage_c.py`), with SDPA attention.
+
+Build on the meta device (`device="meta"`) and materialize from a checkpoint with
+`cascade_core.load_stage_c`; the state-dict keys are exactly those of Stability's single files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from cascade_core.formats import diffusers_config_to_original, infer_unet_hparams
+from cascade_core.models.blocks import (
+    AttnBlock,
+    FeedForwardBlock,
+    LayerNorm2d,
+    ResBlock,
+    TimestepBlock,
+    UpDownBlock2d,
+    apply_block,
+    r_embedding,
+)
+
+__all__ = ["StageCConfig", "StageC", "STAGE_C_PRESETS", "stage_c_config_from_shapes"]
+
+_BLOCK_TYPES = frozenset("CTAF")
+
+
+def _tuple2(value: Any) -> tuple:
+    return tuple(tuple(v) for v in value)
+
+
+@dataclass(frozen=True)
+class StageCConfig:
+    """Constructor arguments of the official StageC (defaults = the 3.6B model)."""
+
+    c_in: int = 16
+    c_out: int = 16
+    c_r: int = 64
+    patch_size: int = 1
+    c_cond: int = 2048
+    c_hidden: tuple[int, ...] = (2048, 2048)
+    nhead: tuple[int, ...] = (32, 32)
+    blocks: tuple[tuple[int, ...], ...] = ((8, 24), (24, 8))  # (down per level, up deepest-first)
+    block_repeat: tuple[tuple[int, ...], ...] = ((1, 1), (1, 1))
+    level_config: tuple[str, ...] = ("CTA", "CTA")
+    c_clip_text: int = 1280
+    c_clip_text_pooled: int = 1280
+    c_clip_img: int = 768
+    c_clip_seq: int = 4
+    kernel_size: int = 3
+    dropout: tuple[float, ...] = (0.1, 0.1)
+    self_attn: bool = True
+    t_conds: tuple[str, ...] = ("sca", "crp")
+    switch_level: tuple[bool, ...] = (False,)
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        # Normalise lists (from YAML/JSON) to tuples so configs compare and hash.
+        for name in ("c_hidden", "nhead", "level_config", "dropout", "t_conds", "switch_level"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "blocks", _tuple2(self.blocks))
+        object.__setattr__(self, "block_repeat", _tuple2(self.block_repeat))
+        n = len(self.c_hidden)
+        problems = []
+        for name in ("nhead", "level_config", "dropout"):
+            if len(getattr(self, name)) != n:
+                problems.append(f"{name} has {len(getattr(self, name))} entries, c_hidden has {n}")
+        for name in ("blocks", "block_repeat"):
+            value = getattr(self, name)
+            if len(value) != 2 or any(len(v) != n for v in value):
+                problems.append(f"{name} must be [down, up] with {n} entries each, got {value}")
+        if len(self.switch_level) != n - 1:
+            problems.append(f"switch_level needs {n - 1} entries (one per level change), got {len(self.switch_level)}")
+        for i, letters in enumerate(self.level_config[: min(n, len(self.nhead))]):
+            if not letters or set(letters) - _BLOCK_TYPES:
+                problems.append(f"level_config[{i}]={letters!r} may only use the letters C, T, A, F")
+            if "A" in letters and (self.nhead[i] <= 0 or self.c_hidden[i] % self.nhead[i]):
+                problems.append(f"level {i}: c_hidden {self.c_hidden[i]} is not a multiple of nhead {self.nhead[i]}")
+        if problems:
+            raise ValueError("invalid StageCConfig: " + "; ".join(problems))
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> StageCConfig:
+        """A named configuration ('stage-c', 'stage-c-lite', 'tiny'), optionally with overrides."""
+        if name not in STAGE_C_PRESETS:
+            raise ValueError(f"unknown Stage C preset {name!r}; choose one of {sorted(STAGE_C_PRESETS)}")
+        return dataclasses.replace(STAGE_C_PRESETS[name], **overrides)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> StageCConfig:
+        """From official constructor kwargs (extra keys are rejected with their names)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown StageCConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Official constructor kwargs as JSON-friendly lists (without the checkpointing switch)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "gradient_checkpointing":
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = [list(v) for v in value] if f.name in ("blocks", "block_repeat") else (
+                list(value) if isinstance(value, tuple) else value
+            )
+        return out
+
+
+STAGE_C_PRESETS: dict[str, StageCConfig] = {
+    "stage-c": StageCConfig(),
+    "stage-c-lite": StageCConfig(
+        c_cond=1536, c_hidden=(1536, 1536), nhead=(24, 24), blocks=((4, 12), (12, 4))
+    ),
+    # The golden test model: two widths, extra t_conds, skip and non-skip ResBlocks.
+    "tiny": StageCConfig(
+        c_cond=32, c_hidden=(32, 48), nhead=(2, 4), blocks=((1, 2), (2, 1)),
+        c_clip_text=24, c_clip_text_pooled=24, c_clip_img=20,
+    ),
+}
+
+
+def stage_c_config_from_shapes(
+    shapes: Mapping[str, Any], *, diffusers_config: Mapping[str, Any] | None = None
+) -> tuple[StageCConfig, str]:
+    """(config, flavour) for a checkpoint's original-layout key shapes.
+
+    A checkpoint whose shapes match a preset gets that preset (flavour = its name); otherwise the
+    architecture comes from the shapes (flavour 'custom') and what shapes cannot tell (attention heads,
+    dropout, self_attn, switch_level) from a diffusers config.json when given, else the released models'
+    rules: heads = width / 64, dropout 0.1, no resampling between levels. Raises ValueError."""
+    c_in = int(diffusers_config.get("in_channels", 16)) if diffusers_config else 16
+    inferred = infer_unet_hparams(shapes, c_in=c_in)
+    for name, preset in STAGE_C_PRESETS.items():
+        known = preset.to_dict()
+        if all(known[k] == v for k, v in inferred.items()):
+            return preset, name
+    values = {**StageCConfig().to_dict(), **inferred}
+    widths = inferred["c_hidden"]
+    if diffusers_config:
+        from_json = diffusers_config_to_original(diffusers_config)
+        for key in ("nhead", "dropout", "self_attn", "switch_level"):
+            if from_json.get(key) is not None:
+                values[key] = from_json[key]
+    else:
+        bad = [c for c, letters in zip(widths, inferred["level_config"]) if "A" in letters and c % 64]
+        if bad:
+            raise ValueError(
+                f"cannot infer attention heads for widths {bad} (not multiples of 64): pass config= or "
+                "put the model's diffusers config.json beside the weights"
+            )
+        values.update(nhead=[c // 64 for c in widths], dropout=[0.1] * len(widths), switch_level=[False] * (len(widths) - 1))
+    return StageCConfig.from_dict(values), "custom"
+
+
+class StageC(nn.Module):
+    """Stage C prior: model(x, r, clip_text, clip_text_pooled, clip_img, sca=None, crp=None) -> eps."""
+
+    def __init__(self, config: StageCConfig | None = None, *, device=None, dtype=None) -> None:
+        super().__init__()
+        cfg = config or StageCConfig()
+        self.config = cfg
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+        kw = {"device": device, "dtype": dtype}
+        c_cond, hidden = cfg.c_cond, cfg.c_hidden
+
+        self.clip_txt_mapper = nn.Linear(cfg.c_clip_text, c_cond, **kw)
+        self.clip_txt_pooled_mapper = nn.Linear(cfg.c_clip_text_pooled, c_cond * cfg.c_clip_seq, **kw)
+        self.clip_img_mapper = nn.Linear(cfg.c_clip_img, c_cond * cfg.c_clip_seq, **kw)
+        self.clip_norm = nn.LayerNorm(c_cond, elementwise_affine=False, eps=1e-6)
+        self.embedding = nn.Sequential(
+            nn.PixelUnshuffle(cfg.patch_size),
+            nn.Conv2d(cfg.c_in * cfg.patch_size**2, hidden[0], kernel_size=1, **kw),
+            LayerNorm2d(hidden[0]),
+        )
+
+        def block(letter: str, i: int, c_skip: int = 0) -> nn.Module:
+            c, p = hidden[i], cfg.dropout[i]
+            if letter == "C":
+                return ResBlock(c, c_skip, kernel_size=cfg.kernel_size, dropout=p, **kw)
+            if letter == "A":
+                return AttnBlock(c, c_cond, cfg.nhead[i], self_attn=cfg.self_attn, dropout=p, **kw)
+            if letter == "F":
+                return FeedForwardBlock(c, dropout=p, **kw)
+            return TimestepBlock(c, cfg.c_r, conds=cfg.t_conds, **kw)
+
+        n = len(hidden)
+        self.down_blocks, self.down_downscalers, self.down_repeat_mappers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for i in range(n):
+            self.down_downscalers.append(
+                nn.Sequential(
+                    LayerNorm2d(hidden[i - 1]),
+                    UpDownBlock2d(hidden[i - 1], hidden[i], mode="down", enabled=cfg.switch_level[i - 1], **kw),
+                )
+                if i > 0
+                else nn.Identity()
+            )
+            self.down_blocks.append(
+                nn.ModuleList([block(t, i) for _ in range(cfg.blocks[0][i]) for t in cfg.level_config[i]])
+            )
+            self.down_repeat_mappers.append(
+                nn.ModuleList([nn.Conv2d(hidden[i], hidden[i], 1, **kw) for _ in range(cfg.block_repeat[0][i] - 1)])
+            )
+
+        self.up_blocks, self.up_upscalers, self.up_repeat_mappers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for i in reversed(range(n)):  # up_blocks.0 is the deepest level
+            self.up_upscalers.append(
+                nn.Sequential(
+                    LayerNorm2d(hidden[i]),
+                    UpDownBlock2d(hidden[i], hidden[i - 1], mode="up", enabled=cfg.switch_level[i - 1], **kw),
+                )
+                if i > 0
+                else nn.Identity()
+            )
+            level = nn.ModuleList()
+            for j in range(cfg.blocks[1][::-1][i]):
+                for k, t in enumerate(cfg.level_config[i]):
+                    c_skip = hidden[i] if i < n - 1 and j == k == 0 else 0  # first ResBlock takes the long skip
+                    level.append(block(t, i, c_skip))
+            self.up_blocks.append(level)
+            self.up_repeat_mappers.append(
+                nn.ModuleList(
+                    [nn.Conv2d(hidden[i], hidden[i], 1, **kw) for _ in range(cfg.block_repeat[1][::-1][i] - 1)]
+                )
+            )
+
+        self.clf = nn.Sequential(
+            LayerNorm2d(hidden[0]),
+            nn.Conv2d(hidden[0], cfg.c_out * cfg.patch_size**2, kernel_size=1, **kw),
+            nn.PixelShuffle(cfg.patch_size),
+        )
+        if self.clf[1].weight.device.type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official init (section 3.6 of the facts): used for from-scratch training only."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for mapper in (self.clip_txt_mapper, self.clip_txt_pooled_mapper, self.clip_img_mapper):
+            nn.init.normal_(mapper.weight, std=0.02)
+        nn.init.xavier_uniform_(self.embedding[1].weight, 0.02)
+        nn.init.zeros_(self.clf[1].weight)
+        scale = math.sqrt(1 / sum(self.config.blocks[0]))
+        for m in self.modules():
+            if isinstance(m, (ResBlock, FeedForwardBlock)):
+                m.channelwise[-1].weight.data.mul_(scale)
+            elif isinstance(m, TimestepBlock):
+                for lin in m.children():
+                    nn.init.zeros_(lin.weight)
+            elif isinstance(m, AttnBlock):
+                nn.init.xavier_uniform_(m.attention.attn.in_proj_weight)
+                nn.init.zeros_(m.attention.attn.in_proj_bias)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward (torch.utils.checkpoint, non-reentrant)."""
+        self.gradient_checkpointing = enabled
+
+    def embed_r(self, r: Tensor, **conds: Tensor | None) -> Tensor:
+        """[B] noise level (+ t_conds, default 0) -> [B, c_r * (1 + len(t_conds))]."""
+        parts = [r_embedding(r, self.config.c_r)]
+        for name in self.config.t_conds:
+            value = conds.get(name)
+            parts.append(r_embedding(torch.zeros_like(r) if value is None else value.to(r), self.config.c_r))
+        return torch.cat(parts, dim=1)
+
+    def embed_clip(self, clip_text: Tensor, clip_text_pooled: Tensor, clip_img: Tensor) -> Tensor:
+        """Conditioning tokens: text [B,T,.], pooled [B,1,.], image [B,1,.] -> [B, T + 2*4, c_cond]."""
+        if clip_text_pooled.dim() == 2:
+            clip_text_pooled = clip_text_pooled[:, None]
+        if clip_img.dim() == 2:
+            clip_img = clip_img[:, None]
+        seq = self.config.c_clip_seq
+        b = clip_text.shape[0]
+        txt = self.clip_txt_mapper(clip_text)
+        pooled = self.clip_txt_pooled_mapper(clip_text_pooled).view(b, clip_text_pooled.shape[1] * seq, -1)
+        img = self.clip_img_mapper(clip_img).view(b, clip_img.shape[1] * seq, -1)
+        return self.clip_norm(torch.cat([txt, pooled, img], dim=1))
+
+    def _run(self, blk: nn.Module, x: Tensor, r_embed: Tensor, clip: Tensor, skip: Tensor | None = None) -> Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(apply_block, blk, x, r_embed, clip, skip, use_reentrant=False)
+        return apply_block(blk, x, r_embed, clip, skip)
+
+    def forward(
+        self,
+        x: Tensor,
+        r: Tensor,
+        clip_text: Tensor,
+        clip_text_pooled: Tensor,
+        clip_img: Tensor,
+        sca: Tensor | None = None,
+        crp: Tensor | None = None,
+    ) -> Tensor:
+        """x [B, c_in, H, W], r [B] -> predicted noise [B, c_out, H, W]."""
+        cfg = self.config
+        if x.dim() != 4 or x.shape[1] != cfg.c_in:
+            raise ValueError(f"StageC expects x of shape [B, {cfg.c_in}, H, W], got {tuple(x.shape)}")
+        if r.dim() != 1 or r.shape[0] != x.shape[0]:
+            raise ValueError(f"StageC expects r of shape [{x.shape[0]}], got {tuple(r.shape)}")
+        dtype = x.dtype
+        r_embed = self.embed_r(r, sca=sca, crp=crp).to(dtype)  # [B, c_r * (1 + n_conds)]
+        clip = self.embed_clip(clip_text.to(dtype), clip_text_pooled.to(dtype), clip_img.to(dtype))
+
+        x = self.embedding(x)  # [B, c_hidden[0], H, W]
+        levels: list[Tensor] = []
+        for blocks, downscaler, repmap in zip(self.down_blocks, self.down_downscalers, self.down_repeat_mappers):
+            x = downscaler(x)
+            for rep in range(len(repmap) + 1):
+                for blk in blocks:
+                    x = self._run(blk, x, r_embed, clip)
+                if rep < len(repmap):
+                    x = repmap[rep](x)
+            levels.insert(0, x)
+
+        x = levels[0]
+        for u, (blocks, upscaler, repmap) in enumerate(zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers)):
+            for rep in range(len(repmap) + 1):
+                for k, blk in enumerate(blocks):
+                    skip = levels[u] if k == 0 and u > 0 and isinstance(blk, ResBlock) else None
+                    if skip is not None and x.shape[-2:] != skip.shape[-2:]:
+                        x = nn.functional.interpolate(x.float(), skip.shape[-2:], mode="bilinear", align_corners=True)
+                        x = x.to(dtype)
+                    x = self._run(blk, x, r_embed, clip, skip)
+                if rep < len(repmap):
+                    x = repmap[rep](x)
+            x = upscaler(x)
+        return self.clf(x)

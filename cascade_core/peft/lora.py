@@ -1,0 +1,500 @@
+"""LoRA written by us: explicit adapter modules, injection by target name, merge, state dict.
+
+Target names (what patterns match and what the native LoRA state dict is keyed by):
+* a plain `nn.Linear`, a 1x1 `nn.Conv2d` (groups 1) or an `Int8Linear`: its module path, e.g.
+  `down_blocks.0.0.channelwise.0`, `down_blocks.0.2.attention.attn.out_proj`, `embedding.1`;
+* the fused q/k/v in-projection of an attention module (anything with `in_proj_weight`,
+  `in_proj_adapters` and `project_in`): the attention path + `.in_proj`, e.g.
+  `down_blocks.0.2.attention.attn.in_proj` (weight `in_proj_weight` [3c, c]).
+
+Pattern syntax (`targets=`): a preset name (`attention`, `attention+ffn`, `all-linear`) or a list of
+shell-style globs (`fnmatch`, case-sensitive) matched against the WHOLE target name; `*` also matches
+dots. Examples: `*.attention.attn.*` (the official choice), `down_blocks.1.*.channelwise.0`, `clip_*_mapper`.
+Every pattern must match at least one target.
+
+Hosts keep the base parameter names: a Linear/Conv2d gets LoRA by switching its class in place to a
+subclass (`LoRALinear`, `LoRAConv2d`, `LoRAInt8Linear`, or a generated `LoRA<Base>` class) that adds
+`adapters: ModuleDict[name -> LoRAAdapter]`, so `weight`/`bias` keys never change and optimizers or
+other references to the base parameters stay valid. The fused in-projection gets its adapter in the
+attention module's own `in_proj_adapters`. Effective weight: W + strength * (alpha / rank) * up @ down.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from cascade_core.peft.formats import check_lora_fits, native_keys, split_native
+from cascade_core.quant.int8 import Int8Linear
+
+__all__ = [
+    "TARGET_PRESETS",
+    "LoRAAdapter",
+    "LoRAHostMixin",
+    "LoRALinear",
+    "LoRAConv2d",
+    "LoRAInt8Linear",
+    "lora_target_shapes",
+    "resolve_targets",
+    "inject_lora",
+    "iter_lora_adapters",
+    "lora_parameters",
+    "mark_only_lora_trainable",
+    "merge_lora",
+    "unmerge_lora",
+    "set_lora_strength",
+    "set_lora_enabled",
+    "remove_lora",
+    "lora_state_dict",
+    "load_lora_state_dict",
+]
+
+IN_PROJ = "in_proj"
+# Presets: globs over target names. `attention` is the official train_c_lora choice (filter '.attn').
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "attention": ("*.attention.attn.in_proj", "*.attention.attn.out_proj"),
+    "attention+ffn": (
+        "*.attention.attn.in_proj",
+        "*.attention.attn.out_proj",
+        "*.channelwise.0",
+        "*.channelwise.4",
+    ),
+    "all-linear": ("*",),
+}
+InitMode = Literal["standard", "official"]
+
+
+class LoRAAdapter(nn.Module):
+    """One low-rank delta: up @ down, scaled by alpha / rank and a user strength.
+
+    `lora_down` is [rank, in] ([rank, in, 1, 1] for a 1x1 conv), `lora_up` is [out, rank] (or
+    [out, rank, 1, 1]). Init "standard" (kohya/peft): down kaiming-uniform, up zero; "official"
+    (Stability modules/lora.py): down zero, up N(0, 1). Either way the product starts at zero.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        *,
+        dropout: float = 0.0,
+        conv: bool = False,
+        init: InitMode = "standard",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+        if not alpha > 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        if init not in ("standard", "official"):
+            raise ValueError(f"LoRA init must be 'standard' or 'official', got {init!r}")
+        tail = (1, 1) if conv else ()
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.alpha, self.conv = rank, float(alpha), conv
+        self.strength = 1.0
+        self.enabled = True
+        self.merged_strength: float | None = None  # strength folded into the base weight, if merged
+        self.lora_down = nn.Parameter(torch.empty(rank, in_features, *tail, device=device, dtype=dtype))
+        self.lora_up = nn.Parameter(torch.empty(out_features, rank, *tail, device=device, dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if self.lora_down.device.type != "meta":
+            self.reset_parameters(init)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def active(self) -> bool:
+        """Contributes in forward: enabled, not merged, non-zero strength."""
+        return self.enabled and self.merged_strength is None and self.strength != 0.0
+
+    def reset_parameters(self, init: InitMode = "standard") -> None:
+        with torch.no_grad():
+            if init == "official":
+                nn.init.zeros_(self.lora_down)
+                nn.init.normal_(self.lora_up, 0.0, 1.0)
+            else:
+                nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_up)
+
+    def delta_weight(self) -> Tensor:
+        """scale * up @ down in the base weight's layout ([out, in] or [out, in, 1, 1]); no strength."""
+        delta = self.lora_up.flatten(1) @ self.lora_down.flatten(1)  # [out, in]
+        return (delta * self.scale).view(self.out_features, self.in_features, *self.lora_down.shape[2:])
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., in] (or [B, in, H, W] for conv) -> delta output [..., out]; zero when inactive."""
+        if not self.active:
+            return x.new_zeros(())
+        h = self.dropout(x.to(self.lora_down.dtype))
+        if self.conv:
+            h = F.conv2d(F.conv2d(h, self.lora_down), self.lora_up)  # [B, r, H, W] -> [B, out, H, W]
+        else:
+            h = F.linear(F.linear(h, self.lora_down), self.lora_up)  # [..., r] -> [..., out]
+        return (h * (self.scale * self.strength)).to(x.dtype)
+
+
+class LoRAHostMixin:
+    """Adds `adapters` to a Linear-like module's forward; the base forward is untouched."""
+
+    adapters: nn.ModuleDict
+    _lora_base_class: type[nn.Module]
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)  # type: ignore[misc]
+        for adapter in self.adapters.values():
+            if adapter.active:
+                out = out + adapter(x)
+        return out
+
+
+class LoRALinear(LoRAHostMixin, nn.Linear):
+    """nn.Linear with named LoRA adapters (keys `weight`, `bias`, `adapters.<name>.lora_*`)."""
+
+    _lora_base_class = nn.Linear
+
+
+class LoRAConv2d(LoRAHostMixin, nn.Conv2d):
+    """1x1 nn.Conv2d with named LoRA adapters."""
+
+    _lora_base_class = nn.Conv2d
+
+
+class LoRAInt8Linear(LoRAHostMixin, Int8Linear):
+    """Int8Linear (frozen int8 base) with named LoRA adapters trained in floating point."""
+
+    _lora_base_class = Int8Linear
+
+
+_HOST_CLASSES: dict[type, type] = {nn.Linear: LoRALinear, nn.Conv2d: LoRAConv2d, Int8Linear: LoRAInt8Linear}
+
+
+def _host_class(base: type) -> type:
+    """The LoRA host subclass for a base class (generated once for other Linear subclasses, e.g. bnb)."""
+    if base not in _HOST_CLASSES:
+        _HOST_CLASSES[base] = type(f"LoRA{base.__name__}", (LoRAHostMixin, base), {"_lora_base_class": base})
+    return _HOST_CLASSES[base]
+
+
+def _is_fused_attention(module: nn.Module) -> bool:
+    return (
+        hasattr(module, "in_proj_adapters")
+        and hasattr(module, "project_in")
+        and hasattr(module, "in_proj_weight")
+    )
+
+
+def _linear_like_shape(module: nn.Module) -> tuple[int, ...] | None:
+    """Base weight shape if the module can host LoRA as a target, else None."""
+    if isinstance(module, Int8Linear):
+        return (module.out_features, module.in_features)
+    if isinstance(module, nn.Linear):
+        return (module.out_features, module.in_features)
+    if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1:
+        return (module.out_channels, module.in_channels, 1, 1)
+    return None
+
+
+def lora_target_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every possible LoRA target in `model` -> its base weight shape, in module order."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRAAdapter) or ".parametrizations." in f".{name}.":
+            continue
+        if _is_fused_attention(module):
+            c = module.embed_dim if hasattr(module, "embed_dim") else module.in_proj_weight.shape[1]
+            shapes[f"{name}.{IN_PROJ}" if name else IN_PROJ] = (3 * c, c)
+        shape = _linear_like_shape(module)
+        if shape is not None and name:
+            shapes[name] = shape
+    return shapes
+
+
+def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
+    """Expand a preset name or glob list to target names (module order); unmatched patterns raise."""
+    candidates = list(lora_target_shapes(model))
+    if isinstance(targets, str):
+        if targets not in TARGET_PRESETS:
+            raise ValueError(
+                f"unknown LoRA target preset {targets!r}; use one of {sorted(TARGET_PRESETS)} "
+                "or a list of module-name globs such as ['*.attention.attn.*']"
+            )
+        patterns = TARGET_PRESETS[targets]
+    else:
+        patterns = tuple(targets)
+        if not patterns:
+            raise ValueError("LoRA targets: the pattern list is empty; name at least one module glob")
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(c, p) for c in candidates)]
+    if unmatched:
+        raise ValueError(
+            f"LoRA target patterns {unmatched} match no Linear, 1x1 Conv2d or attention in-projection; "
+            f"examples of valid names: {candidates[:4]}"
+        )
+    return [c for c in candidates if any(fnmatch.fnmatchcase(c, p) for p in patterns)]
+
+
+def _split_target(target: str) -> tuple[str, bool]:
+    """Target name -> (module path, is fused in-projection)."""
+    if target == IN_PROJ or target.endswith(f".{IN_PROJ}"):
+        return target[: -len(IN_PROJ)].rstrip("."), True
+    return target, False
+
+
+def _adapter_dict(model: nn.Module, target: str, create: bool) -> nn.ModuleDict:
+    path, fused = _split_target(target)
+    try:
+        module = model.get_submodule(path)
+    except AttributeError as err:
+        raise ValueError(f"LoRA target {target!r}: no module {path!r} in the model") from err
+    if fused:
+        if not _is_fused_attention(module):
+            raise ValueError(
+                f"LoRA target {target!r}: {path!r} is not an attention module with in_proj_weight"
+            )
+        return module.in_proj_adapters
+    if isinstance(module, LoRAHostMixin):
+        return module.adapters
+    if _linear_like_shape(module) is None:
+        raise ValueError(
+            f"LoRA target {target!r} is a {type(module).__name__}; only Linear and 1x1 Conv2d host LoRA"
+        )
+    if not create:
+        raise ValueError(f"LoRA target {target!r} carries no adapters")
+    module.__class__ = _host_class(type(module))
+    module.adapters = nn.ModuleDict()
+    return module.adapters
+
+
+def _base_weight(model: nn.Module, target: str) -> Tensor:
+    path, fused = _split_target(target)
+    module = model.get_submodule(path)
+    return module.in_proj_weight if fused else module.weight
+
+
+def _new_adapter(
+    model: nn.Module,
+    target: str,
+    shape: tuple[int, ...],
+    rank: int,
+    alpha: float,
+    *,
+    dropout: float,
+    init: InitMode,
+    dtype: torch.dtype | None,
+) -> LoRAAdapter:
+    weight = _base_weight(model, target)
+    if dtype is None:
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+    return LoRAAdapter(
+        shape[1],
+        shape[0],
+        rank,
+        alpha,
+        dropout=dropout,
+        conv=len(shape) == 4,
+        init=init,
+        device=weight.device,
+        dtype=dtype,
+    )
+
+
+def inject_lora(
+    model: nn.Module,
+    *,
+    rank: int,
+    alpha: float,
+    targets: str | Sequence[str] = "attention",
+    dropout: float = 0.0,
+    name: str = "default",
+    init: InitMode = "standard",
+    dtype: torch.dtype | None = None,
+    freeze_base: bool = True,
+) -> list[str]:
+    """Add adapter `name` to every selected target (scale alpha / rank); returns the target names.
+
+    With `freeze_base` every parameter except LoRA adapters stops requiring grad. `dtype` defaults
+    to the base weight's dtype (float32 over an int8 base).
+    """
+    shapes = lora_target_shapes(model)
+    chosen = resolve_targets(model, targets)
+    for target in chosen:
+        adapters = _adapter_dict(model, target, create=True)
+        if name in adapters:
+            raise ValueError(
+                f"LoRA adapter {name!r} already exists on {target!r}; pick another name or remove it"
+            )
+        adapters[name] = _new_adapter(
+            model, target, shapes[target], rank, alpha, dropout=dropout, init=init, dtype=dtype
+        )
+    if freeze_base:
+        mark_only_lora_trainable(model)
+    return chosen
+
+
+def iter_lora_adapters(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, str, LoRAAdapter]]:
+    """(target name, adapter name, adapter) for every adapter (or only those called `name`)."""
+    for path, module in model.named_modules():
+        if isinstance(module, LoRAHostMixin):
+            target, adapters = path, module.adapters
+        elif _is_fused_attention(module):
+            target, adapters = f"{path}.{IN_PROJ}" if path else IN_PROJ, module.in_proj_adapters
+        else:
+            continue
+        for adapter_name, adapter in adapters.items():
+            if name is None or adapter_name == name:
+                yield target, adapter_name, adapter
+
+
+def _selected(model: nn.Module, name: str | None) -> list[tuple[str, str, LoRAAdapter]]:
+    found = list(iter_lora_adapters(model, name))
+    if name is not None and not found:
+        names = sorted({n for _, n, _ in iter_lora_adapters(model)})
+        raise ValueError(f"no LoRA adapter named {name!r} in the model; present: {names}")
+    return found
+
+
+def lora_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
+    """The adapter parameters (what the optimizer should see)."""
+    return [p for _, _, a in _selected(model, name) for p in (a.lora_down, a.lora_up)]
+
+
+def mark_only_lora_trainable(model: nn.Module) -> None:
+    """Freeze every parameter except the LoRA adapters' down/up factors."""
+    keep = {id(p) for p in lora_parameters(model)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep and p.is_floating_point())
+
+
+def _mergeable_weight(model: nn.Module, target: str) -> Tensor:
+    path, fused = _split_target(target)
+    module = model.get_submodule(path)
+    if fused and parametrize.is_parametrized(module, "in_proj_weight"):
+        raise ValueError(
+            f"cannot merge LoRA into {target!r}: its base weight is quantized (int8); "
+            "merge onto the full-precision checkpoint instead"
+        )
+    if isinstance(module, Int8Linear) or (not fused and not module.weight.is_floating_point()):
+        raise ValueError(
+            f"cannot merge LoRA into {target!r}: its base weight is quantized (int8); "
+            "merge onto the full-precision checkpoint instead"
+        )
+    return module.in_proj_weight if fused else module.weight
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, name: str | None = None) -> int:
+    """Fold adapters (all, or `name`) into the base weights at their current strength; returns the count."""
+    selected = [s for s in _selected(model, name) if s[2].merged_strength is None and s[2].enabled]
+    for target, _, adapter in selected:
+        weight = _mergeable_weight(model, target)
+        weight.add_((adapter.delta_weight() * adapter.strength).to(weight.dtype))
+        adapter.merged_strength = adapter.strength
+    return len(selected)
+
+
+@torch.no_grad()
+def unmerge_lora(model: nn.Module, name: str | None = None) -> int:
+    """Subtract merged adapters from the base weights again; returns the count."""
+    selected = [s for s in _selected(model, name) if s[2].merged_strength is not None]
+    for target, _, adapter in selected:
+        weight = _mergeable_weight(model, target)
+        weight.sub_((adapter.delta_weight() * adapter.merged_strength).to(weight.dtype))
+        adapter.merged_strength = None
+    return len(selected)
+
+
+def set_lora_strength(model: nn.Module, strength: float, name: str | None = None) -> None:
+    """Scale adapters' contribution (0 = base model); merged adapters are re-merged at the new strength."""
+    for target, _, adapter in _selected(model, name):
+        merged = adapter.merged_strength is not None
+        if merged:
+            with torch.no_grad():
+                weight = _mergeable_weight(model, target)
+                weight.add_((adapter.delta_weight() * (strength - adapter.merged_strength)).to(weight.dtype))
+            adapter.merged_strength = float(strength)
+        adapter.strength = float(strength)
+
+
+def set_lora_enabled(model: nn.Module, enabled: bool, name: str | None = None) -> None:
+    """Switch adapters on or off without touching their weights (merged ones must be unmerged first)."""
+    for target, adapter_name, adapter in _selected(model, name):
+        if adapter.merged_strength is not None and not enabled:
+            raise ValueError(f"LoRA adapter {adapter_name!r} on {target!r} is merged; unmerge_lora first")
+        adapter.enabled = bool(enabled)
+
+
+def remove_lora(model: nn.Module, name: str) -> int:
+    """Delete adapter `name` everywhere (unmerging it first); hosts without adapters get their class back."""
+    unmerge_lora(model, name)
+    selected = _selected(model, name)
+    for target, adapter_name, _ in selected:
+        path, fused = _split_target(target)
+        module = model.get_submodule(path)
+        adapters = module.in_proj_adapters if fused else module.adapters
+        del adapters[adapter_name]
+        if not fused and len(adapters) == 0:
+            del module.adapters
+            module.__class__ = module._lora_base_class
+    return len(selected)
+
+
+def lora_state_dict(model: nn.Module, name: str = "default") -> dict[str, Tensor]:
+    """Native LoRA tensors of adapter `name`: `<target>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
+    out: dict[str, Tensor] = {}
+    for target, _, adapter in _selected(model, name):
+        down, up, alpha = native_keys(target)
+        out[down] = adapter.lora_down.detach().clone()
+        out[up] = adapter.lora_up.detach().clone()
+        out[alpha] = torch.tensor(adapter.alpha, dtype=torch.float32)
+    return out
+
+
+def load_lora_state_dict(
+    model: nn.Module,
+    state_dict: dict[str, Tensor],
+    *,
+    name: str = "default",
+    strength: float = 1.0,
+    dropout: float = 0.0,
+    dtype: torch.dtype | None = None,
+    freeze_base: bool = True,
+) -> list[str]:
+    """Create adapter `name` from native LoRA tensors (see `formats.convert_to_native`); returns targets.
+
+    Shapes are checked against the model first; a LoRA made for another model (e.g. Stage C lite vs
+    full) is refused with a message that names both.
+    """
+    shapes = lora_target_shapes(model)
+    entries = split_native(state_dict)
+    check_lora_fits(entries, shapes)
+    for target, (down, up, alpha) in entries.items():
+        adapters = _adapter_dict(model, target, create=True)
+        if name in adapters:
+            raise ValueError(
+                f"LoRA adapter {name!r} already exists on {target!r}; remove it or use another name"
+            )
+        adapter = _new_adapter(
+            model, target, shapes[target], down.shape[0], alpha, dropout=dropout, init="standard", dtype=dtype
+        )
+        with torch.no_grad():
+            adapter.lora_down.copy_(down.reshape(adapter.lora_down.shape))
+            adapter.lora_up.copy_(up.reshape(adapter.lora_up.shape))
+        adapter.strength = float(strength)
+        adapters[name] = adapter
+    if freeze_base:
+        mark_only_lora_trainable(model)
+    return list(entries)

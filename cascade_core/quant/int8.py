@@ -1,0 +1,299 @@
+"""Int8 weight-only quantization of a frozen base model (LoRA trains on top in floating point).
+
+Symmetric per-output-channel scheme: scale[o] = max|W[o, :]| / 127 and q = round(W / scale), so
+|W - q * scale| <= scale / 2 element-wise. Pure PyTorch (`backend="int8"`): runs on CPU and GPU;
+the matmul uses the int8 weight cast to the activation dtype and applies the scale to the output
+(y = (x @ q^T) * scale + b), so gradients reach the input (and any LoRA adapter) through a frozen base.
+
+Where quantized weights live:
+* every `nn.Linear` becomes an `Int8Linear` (keys `weight` int8 [out, in], `weight_scale` float32
+  [out], `bias`);
+* the fused attention in-projection (`in_proj_weight` [3c, c], not an nn.Linear) gets a
+  parametrization that dequantizes on access (keys `parametrizations.in_proj_weight.original0/1`
+  = int8 weight and scale), so the attention code keeps reading `self.in_proj_weight`.
+
+Loading without a full-precision copy on the GPU: build the model on `meta`, call
+`quantize_model_(model)` (works on meta), then for each checkpoint tensor whose key is in
+`int8_weight_keys(model)` call `assign_int8_weight_(model, key, tensor, device)`; it quantizes the
+one tensor where it lies (CPU) and moves only int8 values and scales to `device`.
+
+Backends `int8-torchao` and `int8-bnb` quantize the nn.Linear layers with those libraries (CUDA
+only, imported lazily); the fused in-projection always uses the pure-PyTorch parametrization.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "INT8_BACKENDS",
+    "quantize_weight",
+    "dequantize_weight",
+    "Int8Linear",
+    "Int8Dequantize",
+    "quantize_model_",
+    "int8_weight_keys",
+    "assign_int8_weight_",
+]
+
+INT8_BACKENDS = ("int8", "int8-torchao", "int8-bnb")
+QMAX = 127
+
+
+def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w [out, ...] -> (q int8 same shape, scale float32 [out]) with |w - q * scale| <= scale / 2."""
+    if w.dim() < 2:
+        raise ValueError(
+            f"int8 quantization needs a weight of at least 2 dims [out, in], got {tuple(w.shape)}"
+        )
+    wf = w.detach().float()
+    absmax = wf.flatten(1).abs().amax(dim=1)  # [out]
+    scale = torch.where(absmax > 0, absmax / QMAX, torch.ones_like(absmax))  # all-zero rows: q = 0, scale 1
+    q = torch.round(wf / scale.view(-1, *([1] * (w.dim() - 1)))).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_weight(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """q * scale per output channel, in `dtype`."""
+    return (q.float() * scale.float().view(-1, *([1] * (q.dim() - 1)))).to(dtype)
+
+
+class Int8Linear(nn.Module):
+    """Frozen int8 Linear: y = (x @ q^T) * scale + bias, computed in the activation dtype.
+
+    The int8 weight and the scale are Parameters with requires_grad=False (DDP/FSDP treat them as
+    frozen parameters, not as buffers re-broadcast every step). Cast the model to its compute dtype
+    before quantizing: `.to(dtype)` afterwards would also cast `weight_scale`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(
+            torch.zeros(out_features, in_features, dtype=torch.int8, device=device), requires_grad=False
+        )
+        self.weight_scale = nn.Parameter(
+            torch.ones(out_features, dtype=torch.float32, device=device), requires_grad=False
+        )
+        if bias:
+            self.bias = nn.Parameter(
+                torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False
+            )
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, device: torch.device | str | None = None) -> Int8Linear:
+        """Quantize an nn.Linear (on its device; the result lives on `device` or the same device)."""
+        w = linear.weight
+        module = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, device="meta", dtype=w.dtype
+        )
+        module.set_weight_(w, device=device or w.device)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().to(device or w.device), requires_grad=False)
+        return module
+
+    def set_weight_(self, weight: Tensor, device: torch.device | str | None = None) -> None:
+        """Quantize a full-precision [out, in] weight where it lies and keep int8 + scale on `device`."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"Int8Linear expects a weight of shape {[self.out_features, self.in_features]}, "
+                f"got {list(weight.shape)}"
+            )
+        q, scale = quantize_weight(weight)
+        device = device or weight.device
+        self.weight = nn.Parameter(q.to(device), requires_grad=False)
+        self.weight_scale = nn.Parameter(scale.to(device), requires_grad=False)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_weight(self.weight, self.weight_scale, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight.to(x.dtype))  # [..., out]; int8 values are exact in bf16/fp16/fp32
+        y = y * self.weight_scale.to(y.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
+
+
+class Int8Dequantize(nn.Module):
+    """Parametrization: stored (q int8, scale) -> the floating weight the module reads."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, q: Tensor, scale: Tensor) -> Tensor:
+        return dequantize_weight(q, scale, self.dtype)
+
+    def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        return quantize_weight(weight)
+
+
+def _quantize_in_proj_(module: nn.Module) -> None:
+    weight = module.in_proj_weight
+    weight.requires_grad_(False)  # the originals must be frozen: int8 tensors cannot require grad
+    parametrize.register_parametrization(module, "in_proj_weight", Int8Dequantize(weight.dtype), unsafe=True)
+    for p in module.parametrizations.in_proj_weight.parameters():
+        p.requires_grad_(False)
+
+
+def _skipped(name: str, skip: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in skip)
+
+
+def _linears(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, nn.Linear]]:
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or not module.weight.is_floating_point() or _skipped(name, skip):
+            continue
+        if hasattr(module, "adapters"):
+            raise ValueError(
+                f"int8: {name!r} already carries LoRA adapters; quantize the base before injecting LoRA"
+            )
+        found.append((name, module))
+    return found
+
+
+def _fused_attention(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, nn.Module]]:
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if "in_proj_weight" in m._parameters and not _skipped(f"{n}.in_proj", skip)
+    ]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _check_cuda(model: nn.Module, backend: str) -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"int8 backend {backend!r} needs a CUDA GPU; on this machine use backend 'int8'")
+    devices = {p.device.type for p in model.parameters()}
+    if devices != {"cuda"}:
+        raise RuntimeError(
+            f"int8 backend {backend!r} needs the model on the GPU first (found {sorted(devices)})"
+        )
+
+
+def _import(backend: str, module: str):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError as err:
+        raise RuntimeError(
+            f"int8 backend {backend!r} needs the `{module.split('.')[0]}` package: pip install "
+            f"'cascade-runner[gpu]', or use backend 'int8' (pure PyTorch)"
+        ) from err
+
+
+def _torchao_(model: nn.Module, names: set[str]) -> None:
+    quant = _import("int8-torchao", "torchao.quantization")
+    config = (
+        quant.Int8WeightOnlyConfig() if hasattr(quant, "Int8WeightOnlyConfig") else quant.int8_weight_only()
+    )
+    quant.quantize_(model, config, filter_fn=lambda m, fqn: fqn in names)
+
+
+def _bnb_(model: nn.Module, linears: list[tuple[str, nn.Linear]]) -> None:
+    bnb = _import("int8-bnb", "bitsandbytes")
+    for name, linear in linears:
+        device = linear.weight.device
+        new = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            has_fp16_weights=False,
+            threshold=6.0,
+            device="meta",
+        )
+        new.weight = bnb.nn.Int8Params(
+            linear.weight.detach().cpu(), requires_grad=False, has_fp16_weights=False
+        )
+        if linear.bias is not None:
+            new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        _set_submodule(model, name, new.to(device))  # bnb quantizes when the weight moves to the GPU
+
+
+def quantize_model_(model: nn.Module, backend: str = "int8", skip: Sequence[str] = ()) -> list[str]:
+    """Quantize every nn.Linear and fused attention in-projection of `model` in place; returns their keys.
+
+    `skip` holds module-name globs (fnmatch, `*` crosses dots) kept in full precision, e.g.
+    `["clf.*", "*.mapper*"]` (a fused in-projection is named `<attention path>.in_proj`). Works on
+    the meta device (backend 'int8'), so a model can be quantized before its weights are loaded.
+    """
+    if backend not in INT8_BACKENDS:
+        raise ValueError(f"unknown int8 backend {backend!r}; use one of {INT8_BACKENDS}")
+    linears = _linears(model, skip)
+    attention = _fused_attention(model, skip)
+    if backend == "int8":
+        for name, linear in linears:
+            _set_submodule(model, name, Int8Linear.from_linear(linear))
+    else:
+        _check_cuda(model, backend)
+        if backend == "int8-torchao":
+            _torchao_(model, {n for n, _ in linears})
+        else:
+            _bnb_(model, linears)
+    for _, module in attention:
+        _quantize_in_proj_(module)
+    return [f"{n}.weight" for n, _ in linears] + [
+        f"{n}.in_proj_weight" if n else "in_proj_weight" for n, _ in attention
+    ]
+
+
+def int8_weight_keys(model: nn.Module) -> set[str]:
+    """Checkpoint keys (original names) whose tensors `assign_int8_weight_` must quantize while loading."""
+    keys = set()
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, Int8Linear):
+            keys.add(f"{prefix}weight")
+        if parametrize.is_parametrized(module, "in_proj_weight"):
+            if isinstance(module.parametrizations.in_proj_weight[0], Int8Dequantize):
+                keys.add(f"{prefix}in_proj_weight")
+    return keys
+
+
+@torch.no_grad()
+def assign_int8_weight_(
+    model: nn.Module, key: str, weight: Tensor, device: torch.device | str | None = None
+) -> None:
+    """Quantize one checkpoint tensor (where it lies) into the int8 slot named by its original key."""
+    path, _, leaf = key.rpartition(".")
+    module = model.get_submodule(path)
+    device = device or weight.device
+    if leaf == "weight" and isinstance(module, Int8Linear):
+        module.set_weight_(weight, device=device)
+        return
+    if leaf == "in_proj_weight" and parametrize.is_parametrized(module, "in_proj_weight"):
+        plist = module.parametrizations.in_proj_weight
+        expected = tuple(plist.original0.shape)
+        if tuple(weight.shape) != expected:
+            raise ValueError(
+                f"int8 weight {key!r}: expected shape {list(expected)}, got {list(weight.shape)}"
+            )
+        q, scale = quantize_weight(weight)
+        plist.original0 = nn.Parameter(q.to(device), requires_grad=False)
+        plist.original1 = nn.Parameter(scale.to(device), requires_grad=False)
+        return
+    raise ValueError(f"{key!r} is not an int8-quantized weight of this model; see int8_weight_keys(model)")

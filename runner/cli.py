@@ -1,0 +1,164 @@
+"""The `runner` command: `runner RECIPE [key=value ...]` trains; subcommands validate, plan, import, ...
+
+Each subcommand is one small function registered in `COMMANDS`; its heavy imports (torch, the models)
+happen inside the function, so `runner --help` and `runner validate` start in well under a second.
+A `UserError` becomes a readable message and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from runner.errors import UserError
+
+USAGE = """runner RECIPE [key=value ...]          train (key=value overrides, e.g. training.max_steps=500)
+       runner COMMAND ...                     see the commands below; `runner COMMAND --help` for each"""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its one-line help, how it declares its arguments, and what it runs (exit status)."""
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _split(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Recipe files and `key=value` overrides, in their given order."""
+    return [i for i in items if "=" not in i], [i for i in items if "=" in i]
+
+
+def _recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="override recipe values, e.g. training.learning_rate=5e-5 data.sources.0.repeats=3")
+
+
+def _one_recipe(args: argparse.Namespace) -> tuple[str, list[str]]:
+    recipes, overrides = _split([args.recipe, *args.overrides])
+    if len(recipes) != 1:
+        raise UserError(f"expected one recipe file and key=value overrides, got {' '.join(recipes)}")
+    return recipes[0], overrides
+
+
+def _train(args: argparse.Namespace) -> int:
+    from runner.recipe import read_recipe
+
+    recipe, overrides = _one_recipe(args)
+    read_recipe(recipe, overrides, paths="error")
+    print(f"{recipe}: recipe OK, but training is not available yet in this version of cascade-runner "
+          f"(the training loop is still being built). `runner plan {recipe}` shows what would run.",
+          file=sys.stderr)
+    return 1
+
+
+def _validate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("items", nargs="+", metavar="RECIPE|key=value",
+                        help="recipe files to check, and key=value overrides applied to each")
+    parser.add_argument("--check-paths", action="store_true",
+                        help="treat local files and folders that do not exist as errors (as training does); "
+                             "without it they are warnings, so recipes validate before their data is made")
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from runner.recipe import RecipeError, read_recipe
+
+    recipes, overrides = _split(args.items)
+    if not recipes:
+        raise UserError("give at least one recipe file, e.g. runner validate recipes/stage_c_lora.yaml")
+    failed = 0
+    for recipe in recipes:
+        try:
+            loaded = read_recipe(recipe, overrides, paths="error" if args.check_paths else "warn")
+        except RecipeError as e:
+            print(e)
+            failed += 1
+            continue
+        print(f"{recipe}: OK")
+        for warning in loaded.warnings:
+            print(f"  warning: {warning.render()}")
+    return 2 if failed else 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from runner.recipe import read_recipe
+    from runner.spec import spec_to_dict
+
+    recipe, overrides = _one_recipe(args)
+    loaded = read_recipe(recipe, overrides, paths="warn")
+    print(f"# {recipe}: the resolved recipe, with every default filled in")
+    for warning in loaded.warnings:
+        print(f"# warning: {warning.render()}")
+    print(dump_yaml(spec_to_dict(loaded.spec)), end="")
+    return 0
+
+
+def dump_yaml(data: object) -> str:
+    """YAML for people: block style, short scalar lists inline, keys in schema order."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def represent_list(dumper: yaml.SafeDumper, value: list) -> yaml.Node:
+        flow = all(not isinstance(v, dict | list) for v in value) and len(str(value)) < 80
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=flow)
+
+    Dumper.add_representer(list, represent_list)
+    return yaml.dump(data, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=110)
+
+
+def _import_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("tool", choices=["simpletuner"], help="where the configuration comes from")
+    parser.add_argument("config", help="SimpleTuner config/config.json")
+    parser.add_argument("--backend", help="multidatabackend.json (default: the file named by the config's "
+                        "data_backend_config)")
+    parser.add_argument("-o", "--output", help="recipe file to write (default: print it)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+
+
+def _import(args: argparse.Namespace) -> int:
+    from runner.importers.simpletuner import import_simpletuner
+
+    return import_simpletuner(args.config, backend=args.backend, output=args.output, force=args.force)
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("train from a recipe (the default: `runner RECIPE` is `runner train RECIPE`)",
+                     _recipe_args, _train),
+    "validate": Command("check recipes against the schema and the cross-field rules; prints OK or every problem",
+                        _validate_args, _validate),
+    "plan": Command("print the resolved recipe (defaults filled in) without running anything",
+                    _recipe_args, _plan),
+    "import": Command("convert another trainer's configuration into a recipe", _import_args, _import),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="runner", usage=USAGE,
+        description="cascade-runner: train the Stable Cascade Stage C prior (LoRA or full) from a YAML recipe.",
+        epilog="Exit status: 0 success, 2 a problem you can fix (the message says how), 1 anything else.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        command.arguments(sub.add_parser(name, help=command.help, description=command.help))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `runner` console script; returns the exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and not args_list[0].startswith("-") and args_list[0] not in COMMANDS:
+        args_list.insert(0, "train")
+    args = build_parser().parse_args(args_list)
+    try:
+        return COMMANDS[args.command].run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,58 @@
+"""EfficientNet latent encoder: golden parity (real config), checkpoint key layout, eval-only behaviour."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cascade_core.models.effnet import EfficientNetEncoder, imagenet_normalize
+
+
+def _weights(golden: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # fp16-stored weights; the reference output was computed from them cast back to float32
+    return {k[len("model."):]: v.float() if v.is_floating_point() else v
+            for k, v in golden.items() if k.startswith("model.")}
+
+
+def test_golden_latent(golden_dir):
+    golden = load_file(golden_dir / "effnet.safetensors")
+    model = EfficientNetEncoder()
+    model.load_state_dict(_weights(golden), strict=True)
+    normalized = imagenet_normalize(golden["input.image_01"])
+    torch.testing.assert_close(normalized, golden["input.image_normalized"], rtol=0, atol=1e-6)
+    with torch.no_grad():
+        latent = model(golden["input.image_normalized"])
+    assert latent.shape == (1, 16, 8, 8)
+    torch.testing.assert_close(latent, golden["output.latent"], rtol=0, atol=1e-4)
+
+
+def test_keys_match_manifest(manifest_dir):
+    manifest = json.loads((manifest_dir / "original" / "effnet_encoder.json").read_text())
+    with torch.device("meta"):
+        model = EfficientNetEncoder(**manifest["official_constructor_kwargs"])
+    state = model.state_dict()
+    assert list(state) == list(manifest["keys"])
+    assert {k: list(v.shape) for k, v in state.items()} == manifest["keys"]
+    assert sum(p.numel() for p in model.parameters()) == manifest["num_parameters"]
+    assert sum(b.numel() for b in model.buffers()) == manifest["num_buffer_elements"]
+
+
+def test_stays_in_eval_mode_and_keeps_running_stats():
+    model = EfficientNetEncoder()
+    model.train()
+    assert not model.training and not any(m.training for m in model.modules())
+    before = model.mapper[1].running_mean.clone()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    torch.testing.assert_close(model.mapper[1].running_mean, before, rtol=0, atol=0)
+
+
+def test_rejects_wrong_input_shape():
+    with torch.device("meta"):
+        model = EfficientNetEncoder()
+    with pytest.raises(ValueError, match="imagenet_normalize"):
+        model(torch.zeros(1, 4, 64, 64, device="meta"))
+    with pytest.raises(ValueError, match=r"\[B,3,H,W\]"):
+        imagenet_normalize(torch.zeros(3, 8, 8))

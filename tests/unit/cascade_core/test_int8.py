@@ -1,0 +1,178 @@
+"""Int8 weight-only base: per-channel error bounds, module parity, meta loading, LoRA training on top."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from cascade_core.models.blocks import AttnBlock, ResBlock
+from cascade_core.peft.lora import LoRAInt8Linear, inject_lora, lora_parameters, merge_lora
+from cascade_core.quant.int8 import (
+    Int8Linear,
+    assign_int8_weight_,
+    dequantize_weight,
+    int8_weight_keys,
+    quantize_model_,
+    quantize_weight,
+)
+
+# Rounding w / s to the nearest integer is off by at most 1/2; the float32 division adds at most
+# one ulp of |w / s| <= 127, i.e. 127 * 2^-23, and the product q * s one ulp of |w| <= 127 s.
+BOUND = 0.5 + 2 * 127 * 2.0**-23
+
+
+class TinyNet(nn.Module):
+    def __init__(self, c: int = 16, c_cond: int = 8) -> None:
+        super().__init__()
+        self.embedding = nn.Sequential(nn.Identity(), nn.Conv2d(4, c, 1))
+        self.down_blocks = nn.ModuleList([nn.ModuleList([ResBlock(c), AttnBlock(c, c_cond, nhead=2)])])
+        self.clf = nn.Sequential(nn.Identity(), nn.Conv2d(c, 4, 1))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(x)
+        for block in self.down_blocks[0]:
+            x = block(x, cond) if isinstance(block, AttnBlock) else block(x)
+        return self.clf(x)
+
+
+@pytest.fixture
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(4, 4, 3, 3, generator=g), torch.randn(4, 5, 8, generator=g)
+
+
+def test_quantize_weight_per_channel_bound():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 33, generator=g) * torch.tensor([1e-3, 0.1, 1.0, 10.0, 300.0, 0.0])[:, None]
+    q, scale = quantize_weight(w)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (6,)
+    assert q.abs().max() <= 127
+    err = (w - dequantize_weight(q, scale)).abs()
+    assert (err <= scale[:, None] * BOUND).all()
+    assert (q[:5].abs().amax(dim=1) == 127).all()  # each non-zero row uses the full range
+    assert (q[5] == 0).all() and scale[5] == 1.0  # an all-zero row stays exactly zero
+    q4, s4 = quantize_weight(torch.randn(5, 3, 1, 1, generator=g))
+    assert q4.shape == (5, 3, 1, 1) and s4.shape == (5,)
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        quantize_weight(torch.randn(4))
+
+
+def test_int8_linear_matches_dequantized_and_bound():
+    g = torch.Generator().manual_seed(3)
+    linear = nn.Linear(24, 10)
+    x = torch.randn(7, 24, generator=g)
+    q_linear = Int8Linear.from_linear(linear)
+    assert not any(p.requires_grad for p in q_linear.parameters())
+    y = q_linear(x)
+    ref = F.linear(x, q_linear.dequantized_weight(), linear.bias)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-6)
+    # |y - y_fp| <= sum_i |x_i| * |w_oi - q_oi s_o| <= (s_o * BOUND) * ||x||_1, plus float32 rounding
+    bound = x.abs().sum(1, keepdim=True) * q_linear.weight_scale[None] * BOUND + 1e-5
+    assert ((y - linear(x)).abs() <= bound).all()
+    with pytest.raises(ValueError, match="expects a weight of shape"):
+        q_linear.set_weight_(torch.randn(3, 3))
+
+
+def test_quantize_model_equals_dequantized_float_model(batch):
+    model = TinyNet().eval()
+    quantized = copy.deepcopy(model)
+    keys = quantize_model_(quantized)
+    assert set(keys) == int8_weight_keys(quantized)
+    attn = quantized.down_blocks[0][1].attention.attn
+    assert parametrize.is_parametrized(attn, "in_proj_weight")
+    assert isinstance(attn.out_proj, Int8Linear) and isinstance(
+        quantized.down_blocks[0][1].kv_mapper[1], Int8Linear
+    )
+    assert isinstance(quantized.clf[1], nn.Conv2d)  # convs stay in full precision
+    # reference: the float model with every quantized weight replaced by q * scale
+    reference = copy.deepcopy(model)
+    sd = reference.state_dict()
+    for key in keys:
+        sd[key] = dequantize_weight(*quantize_weight(sd[key]))
+    reference.load_state_dict(sd)
+    torch.testing.assert_close(quantized(*batch), reference(*batch), atol=1e-5, rtol=0)
+    skipped = quantize_model_(copy.deepcopy(model), skip=["*.attn.*", "*.kv_mapper.*"])
+    assert skipped == ["down_blocks.0.0.channelwise.0.weight", "down_blocks.0.0.channelwise.4.weight"]
+
+
+def test_meta_build_then_tensor_by_tensor_load(batch):
+    source = TinyNet().eval()
+    expected = copy.deepcopy(source)
+    quantize_model_(expected)
+    with torch.device("meta"):
+        model = TinyNet().eval()
+    quantize_model_(model)
+    int8_keys = int8_weight_keys(model)
+    rest = {}
+    for (
+        key,
+        tensor,
+    ) in source.state_dict().items():  # one tensor at a time, as a checkpoint reader yields them
+        if key in int8_keys:
+            assign_int8_weight_(model, key, tensor, device="cpu")
+        else:
+            rest[key] = tensor
+    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    assert not unexpected
+    assert all(k in int8_keys or k.endswith("weight_scale") or ".parametrizations." in k for k in missing)
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    assert torch.equal(model(*batch), expected(*batch))
+    with pytest.raises(ValueError, match="not an int8-quantized weight"):
+        assign_int8_weight_(model, "clf.1.weight", torch.zeros(4, 16, 1, 1))
+
+
+def test_lora_trains_on_int8_base(batch):
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    quantize_model_(model)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    inject_lora(model, rank=4, alpha=4, targets="attention+ffn")
+    assert isinstance(model.down_blocks[0][0].channelwise[0], LoRAInt8Linear)
+    target = torch.randn(4, 4, 3, 3, generator=torch.Generator().manual_seed(5))
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = F.mse_loss(model(*batch), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+    for key, value in frozen.items():  # the int8 base never moves
+        assert torch.equal(model.state_dict()[key], value), key
+    assert all(p.grad is not None for p in lora_parameters(model))
+    with pytest.raises(ValueError, match="quantized"):
+        merge_lora(model)
+
+
+def test_backend_errors():
+    with pytest.raises(ValueError, match="unknown int8 backend"):
+        quantize_model_(TinyNet(), backend="int4")
+    if not torch.cuda.is_available():
+        for backend in ("int8-torchao", "int8-bnb"):
+            with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+                quantize_model_(TinyNet(), backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["int8", "int8-torchao", "int8-bnb"])
+def test_gpu_backends_close_to_float(backend, batch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if backend != "int8":
+        pytest.importorskip({"int8-torchao": "torchao", "int8-bnb": "bitsandbytes"}[backend])
+    model = TinyNet().eval().cuda().to(torch.bfloat16)
+    x, cond = (t.cuda().to(torch.bfloat16) for t in batch)
+    expected = model(x, cond).float()
+    quantize_model_(model, backend=backend)
+    inject_lora(model, rank=4, alpha=4, targets="attention+ffn", dtype=torch.float32)
+    out = model(x, cond).float()
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in lora_parameters(model))
+    rel = (out - expected).abs().max() / expected.abs().max()
+    assert rel < 0.05, f"{backend}: relative max error {rel:.4f}"  # int8 steps are <= 1/254 of a row's max
