@@ -3,6 +3,7 @@
 Tensors in, tensors out: nothing here prints, logs, downloads, reads environment variables or picks a
 device. The application (`runner`) owns every side effect.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -6,6 +6,7 @@ sharded or not, or a repo root plus subfolder), `SafetensorsStateDict` (lazy, he
 missing / unexpected / mis-shaped keys), `write_safetensors` (streaming, atomic). On top of them:
 `load_stage_c` / `save_stage_c` for the prior in both key layouts.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,18 @@ __all__ = [
 ]
 
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
@@ -97,13 +107,18 @@ def resolve_checkpoint_files(
         path = path / subfolder
     if not path.exists():
         hint = f" (no subfolder {subfolder!r} in {Path(source)})" if subfolder else ""
-        raise CheckpointError(f"checkpoint {path} does not exist{hint}; give a .safetensors file or a model folder")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist{hint}; give a .safetensors file or a model folder"
+        )
     if path.is_file():
-        if path.name.endswith(".safetensors.index.json") or (path.name.endswith(".json") and "index" in path.name):
+        if path.name.endswith(".safetensors.index.json") or (
+            path.name.endswith(".json") and "index" in path.name
+        ):
             return ResolvedCheckpoint(_shards_from_index(path), _sibling_config(path), str(path))
         if path.suffix != ".safetensors":
             raise CheckpointError(
-                f"{path} is not a .safetensors file; only safetensors checkpoints are read (pickled .ckpt/.bin "
+                f"{path} is not a .safetensors file; only safetensors checkpoints are read (pickled "
+                ".ckpt/.bin "
                 "files can run code and are not supported; convert them with safetensors first)"
             )
         config = _sibling_config(path) if path.name.startswith(WEIGHTS_NAME) else None
@@ -115,7 +130,9 @@ def resolve_checkpoint_files(
     preferred = path / f"{WEIGHTS_NAME}{suffix}.safetensors"
     if preferred.is_file():
         return ResolvedCheckpoint((preferred,), _sibling_config(preferred), str(path))
-    files = sorted(p for p in path.glob("*.safetensors") if not variant or p.name.endswith(f"{suffix}.safetensors"))
+    files = sorted(
+        p for p in path.glob("*.safetensors") if not variant or p.name.endswith(f"{suffix}.safetensors")
+    )
     if len(files) == 1 and len(indexes) == 0:
         return ResolvedCheckpoint((files[0],), None, str(path))
     subdirs = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -124,7 +141,7 @@ def resolve_checkpoint_files(
         f"cannot tell which weights to load in folder {path}: found {found or 'no .safetensors files'}"
         + (f" and subfolders {subdirs}" if subdirs else "")
         + "; pass the .safetensors file itself, or the model subfolder (e.g. subfolder='prior')"
-        + (", or variant=" if not variant and any('.bf16.' in f or '.fp16.' in f for f in found) else "")
+        + (", or variant=" if not variant and any(".bf16." in f or ".fp16." in f for f in found) else "")
     )
 
 
@@ -149,11 +166,15 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict[str
         if n > _MAX_HEADER:
             raise CheckpointError(f"{path} is not a safetensors file (header length {n}); check the path")
         if 8 + n > size:
-            raise CheckpointError(f"{path} is truncated: its header needs {8 + n} bytes, the file has {size}; re-download it")
+            raise CheckpointError(
+                f"{path} is truncated: its header needs {8 + n} bytes, the file has {size}; re-download it"
+            )
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path} is not a safetensors file (unreadable header); check the path") from None
+            raise CheckpointError(
+                f"{path} is not a safetensors file (unreadable header); check the path"
+            ) from None
     metadata = header.pop("__metadata__", None) or {}
     end = max((info["data_offsets"][1] for info in header.values()), default=0)
     if 8 + n + end > size:
@@ -183,7 +204,9 @@ class SafetensorsStateDict(Mapping[str, Tensor]):
             self.metadata = self.metadata or metadata
             for key, info in header.items():
                 if key in self._where:
-                    raise CheckpointError(f"tensor {key!r} appears in both {self.files[self._where[key]]} and {f}")
+                    raise CheckpointError(
+                        f"tensor {key!r} appears in both {self.files[self._where[key]]} and {f}"
+                    )
                 self._where[key] = i
                 self.shapes[key] = tuple(info["shape"])
                 self.dtypes[key] = _DTYPES[info["dtype"]]
@@ -204,7 +227,9 @@ class SafetensorsStateDict(Mapping[str, Tensor]):
         return self.shapes[key]
 
 
-def read_safetensors_state_dict(path: str | os.PathLike | Sequence[str | os.PathLike]) -> SafetensorsStateDict:
+def read_safetensors_state_dict(
+    path: str | os.PathLike | Sequence[str | os.PathLike],
+) -> SafetensorsStateDict:
     """A lazy state dict for one file or a list of shards (see SafetensorsStateDict)."""
     files = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     return SafetensorsStateDict(files)
@@ -231,7 +256,7 @@ class PrefixedStateDict(Mapping[str, Tensor]):
 
 
 def shape_of(state: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
-    """A tensor's shape without reading it when the mapping knows shapes (lazy dicts), else from the tensor."""
+    """A tensor's shape, from the headers when the mapping knows shapes (lazy dicts), else the tensor."""
     getter = getattr(state, "shape_of", None)
     return tuple(getter(key)) if getter is not None else tuple(state[key].shape)
 
@@ -282,7 +307,8 @@ def materialize_module(
         raise CheckpointError(
             f"checkpoint does not fit {type(module).__name__}{' (' + context + ')' if context else ''}:\n"
             + key_report(missing, unexpected, mismatched)
-            + "\n  fix: check that the file is the model you meant (flavour, Stage B vs Stage C) and is complete"
+            + "\n  fix: check that the file is the model you meant (flavour, Stage B vs Stage C) "
+            "and is complete"
         )
     for name, old in expected.items():
         if name not in provided:
@@ -322,7 +348,11 @@ def write_safetensors(
         if tensor.dtype not in _CODES:
             raise CheckpointError(f"cannot save tensor {key!r} of dtype {tensor.dtype} to safetensors")
         nbytes = tensor.numel() * tensor.element_size()
-        header[key] = {"dtype": _CODES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        header[key] = {
+            "dtype": _CODES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -343,7 +373,6 @@ def write_safetensors(
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -378,7 +407,12 @@ def detect_stage_c_checkpoint(
     out its layout and architecture from tensor shapes; `config` (StageCConfig or kwargs) or `flavour`
     (preset name) override the inferred architecture."""
     from cascade_core.formats import (
-        ORIGINAL, STAGE_B_ANCHORS, STAGE_C_ANCHOR, convert_state_dict, detect_layout, find_key_prefix,
+        ORIGINAL,
+        STAGE_B_ANCHORS,
+        STAGE_C_ANCHOR,
+        convert_state_dict,
+        detect_layout,
+        find_key_prefix,
     )
     from cascade_core.models.stage_c import StageCConfig, stage_c_config_from_shapes
 
@@ -392,11 +426,13 @@ def detect_stage_c_checkpoint(
     if prefix is None:
         if find_key_prefix(keys, STAGE_B_ANCHORS) is not None:
             raise CheckpointError(
-                f"{origin} is a Stage B (decoder) checkpoint (it has clip_mapper / effnet_mapper weights), not a "
-                "Stage C prior; point the prior at stage_c*.safetensors or the 'prior' / 'prior_lite' subfolder"
+                f"{origin} is a Stage B (decoder) checkpoint (it has clip_mapper / effnet_mapper weights), "
+                "not a Stage C prior; point the prior at stage_c*.safetensors or the 'prior' / 'prior_lite' "
+                "subfolder"
             )
         raise CheckpointError(
-            f"{origin} holds no Stage C prior weights (no key ending in {STAGE_C_ANCHOR!r}; first keys: {keys[:5]}); "
+            f"{origin} holds no Stage C prior weights (no key ending in {STAGE_C_ANCHOR!r}; "
+            f"first keys: {keys[:5]}); "
             "point it at stage_c*.safetensors or the 'prior' / 'prior_lite' subfolder"
         )
     if prefix:
@@ -416,7 +452,9 @@ def detect_stage_c_checkpoint(
     try:
         cfg, found = stage_c_config_from_shapes(shapes, diffusers_config=json_config)
     except ValueError as err:
-        raise CheckpointError(f"cannot infer the Stage C architecture of {origin} ({layout} layout): {err}") from None
+        raise CheckpointError(
+            f"cannot infer the Stage C architecture of {origin} ({layout} layout): {err}"
+        ) from None
     return StageCCheckpoint(original, cfg, found, layout, prefix, origin)
 
 
@@ -436,16 +474,20 @@ def load_stage_c(
     keeps the checkpoint's dtype. Raises CheckpointError naming the problem keys and detected format."""
     from cascade_core.models.stage_c import StageC
 
-    found = detect_stage_c_checkpoint(source, flavour=flavour, config=config, subfolder=subfolder, variant=variant)
+    found = detect_stage_c_checkpoint(
+        source, flavour=flavour, config=config, subfolder=subfolder, variant=variant
+    )
     model = StageC(found.config, device="meta")
-    materialize_module(model, found.state, device=device, dtype=dtype, strict=strict, context=found.describe())
+    materialize_module(
+        model, found.state, device=device, dtype=dtype, strict=strict, context=found.describe()
+    )
     return model.eval()
 
 
 def stage_c_state_dict(model: nn.Module, layout: str = "original") -> Mapping[str, Tensor]:
     """The model's base weights in `layout` ('original' or 'diffusers'); adapter tensors are left out
     (merge LoRA first to bake it in). Diffusers q/k/v are views of the fused weight, not copies."""
-    from cascade_core.formats import ORIGINAL, conversion_plan, LazyConvertedStateDict
+    from cascade_core.formats import ORIGINAL, LazyConvertedStateDict, conversion_plan
     from cascade_core.models.stage_c import StageC
 
     if not isinstance(model, StageC):
@@ -456,7 +498,8 @@ def stage_c_state_dict(model: nn.Module, layout: str = "original") -> Mapping[st
     missing = [k for k in base_keys if k not in full]
     if missing:
         raise CheckpointError(
-            f"the model lacks base weights {missing[:5]} ({len(missing)} in all); a quantized or wrapped model "
+            f"the model lacks base weights {missing[:5]} ({len(missing)} in all); a quantized or wrapped "
+            "model "
             "must be converted back to plain weights before saving"
         )
     state = {k: full[k] for k in base_keys}
@@ -498,7 +541,9 @@ def save_stage_c(
     path = Path(path)
     if layout == DIFFUSERS:
         if path.suffix == ".safetensors":
-            raise ValueError(f"the diffusers layout is a folder (config.json + weights); got file path {path}")
+            raise ValueError(
+                f"the diffusers layout is a folder (config.json + weights); got file path {path}"
+            )
         path.mkdir(parents=True, exist_ok=True)
         config = original_to_diffusers_config(model.config.to_dict())
         (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")

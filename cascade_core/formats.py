@@ -6,6 +6,7 @@ Two layouts exist for the same weights: Stability's single files ("original": fu
 per-key plan applied lazily, so converting never holds a second full copy of the weights. The
 architecture is read from tensor shapes, because hub config files have been wrong before.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,7 +75,9 @@ def detect_unet_kind(keys: Iterable[str]) -> str | None:
 def find_key_prefix(keys: Iterable[str], anchors: Sequence[str]) -> str | None:
     """The prefix under which an anchor key appears ('' for bare keys, 'model.diffusion_model.' for
     ComfyUI all-in-one files); the shortest wins. None if no anchor is present."""
-    found = [k[: -len(a)] for k in keys for a in anchors if k.endswith(a) and (k == a or k[-len(a) - 1] == ".")]
+    found = [
+        k[: -len(a)] for k in keys for a in anchors if k.endswith(a) and (k == a or k[-len(a) - 1] == ".")
+    ]
     return min(found, key=len) if found else None
 
 
@@ -114,7 +117,9 @@ def conversion_plan(keys: Iterable[str], to_layout: str) -> dict[str, KeyRule]:
     if to_layout == DIFFUSERS:
         for k in keys:
             if k.endswith((_FUSED_W, _FUSED_B)):
-                base, kind = (k[: -len(_FUSED_W)], "weight") if k.endswith(_FUSED_W) else (k[: -len(_FUSED_B)], "bias")
+                base, kind = (
+                    (k[: -len(_FUSED_W)], "weight") if k.endswith(_FUSED_W) else (k[: -len(_FUSED_B)], "bias")
+                )
                 for i, name in enumerate(_QKV):
                     plan[f"{base}.attention.{name}.{kind}"] = KeyRule("split", (k,), i)
             elif _OUT_ORIG in k:
@@ -256,7 +261,9 @@ def infer_unet_hparams(shapes: Mapping[str, Sequence[int]], *, c_in: int) -> dic
     Raises ValueError naming the key that does not fit."""
     kind = detect_unet_kind(shapes)
     if kind is None:
-        raise ValueError("not a Stable Cascade UNet: neither clip_txt_mapper.weight nor clip_mapper.weight found")
+        raise ValueError(
+            "not a Stable Cascade UNet: neither clip_txt_mapper.weight nor clip_mapper.weight found"
+        )
     emb = shapes["embedding.1.weight"]  # [c_hidden0, c_in * p^2, 1, 1]
     patch = math.isqrt(emb[1] // c_in) if emb[1] % c_in == 0 else 0
     if patch < 1 or c_in * patch * patch != emb[1]:
@@ -272,7 +279,9 @@ def infer_unet_hparams(shapes: Mapping[str, Sequence[int]], *, c_in: int) -> dic
         pattern = _period(down[i] or up[i])
         for seq, where in ((down[i], f"down_blocks.{i}"), (up[i], f"up_blocks.{n - 1 - i}")):
             if seq and _period(seq) != pattern:
-                raise ValueError(f"{where} repeats {_period(seq)!r}, other path of level {i} repeats {pattern!r}")
+                raise ValueError(
+                    f"{where} repeats {_period(seq)!r}, other path of level {i} repeats {pattern!r}"
+                )
         level_config.append(pattern)
         blocks_down.append(len(down[i]) // len(pattern))
         blocks_up.append(len(up[i]) // len(pattern))
@@ -293,7 +302,11 @@ def infer_unet_hparams(shapes: Mapping[str, Sequence[int]], *, c_in: int) -> dic
     all_blocks = [(f"down_blocks.{i}.{j}", t) for i in range(n) for j, t in enumerate(down[i])]
     t_block = next((p for p, t in all_blocks if t == "T"), None)
     if t_block is not None:
-        names = [k[len(t_block) + 8 : -7] for k in shapes if k.startswith(f"{t_block}.mapper_") and k.endswith(".weight")]
+        names = [
+            k[len(t_block) + 8 : -7]
+            for k in shapes
+            if k.startswith(f"{t_block}.mapper_") and k.endswith(".weight")
+        ]
         out["c_r"] = shapes[f"{t_block}.mapper.weight"][1]
         out["t_conds"] = [c for c in _KNOWN_T_CONDS if c in names] + sorted(set(names) - set(_KNOWN_T_CONDS))
     c_block = next((p for p, t in all_blocks if t == "C"), None)
@@ -330,7 +343,9 @@ def diffusers_config_to_original(cfg: Mapping[str, Any]) -> dict[str, Any]:
     try:
         level_config = ["".join(letters[b] for b in level) for level in cfg.get("block_types_per_layer", ())]
     except (KeyError, TypeError) as err:
-        raise ValueError(f"diffusers config has an unknown block type in block_types_per_layer: {err}") from None
+        raise ValueError(
+            f"diffusers config has an unknown block type in block_types_per_layer: {err}"
+        ) from None
     try:
         out: dict[str, Any] = {
             "c_in": cfg["in_channels"],
@@ -345,17 +360,31 @@ def diffusers_config_to_original(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "level_config": level_config,
         }
         if cfg.get("effnet_in_channels"):
-            out.update(c_clip=cfg["clip_text_pooled_in_channels"], c_clip_seq=cfg["clip_seq"],
-                       c_effnet=cfg["effnet_in_channels"], c_pixels=cfg["pixel_mapper_in_channels"])
+            out.update(
+                c_clip=cfg["clip_text_pooled_in_channels"],
+                c_clip_seq=cfg["clip_seq"],
+                c_effnet=cfg["effnet_in_channels"],
+                c_pixels=cfg["pixel_mapper_in_channels"],
+            )
         else:
-            out.update(c_clip_text=cfg["clip_text_in_channels"], c_clip_text_pooled=cfg["clip_text_pooled_in_channels"],
-                       c_clip_img=cfg["clip_image_in_channels"], c_clip_seq=cfg["clip_seq"])
-        out.update(kernel_size=cfg["kernel_size"], dropout=list(cfg["dropout"]), self_attn=cfg["self_attn"],
-                   t_conds=list(cfg["timestep_conditioning_type"]))
+            out.update(
+                c_clip_text=cfg["clip_text_in_channels"],
+                c_clip_text_pooled=cfg["clip_text_pooled_in_channels"],
+                c_clip_img=cfg["clip_image_in_channels"],
+                c_clip_seq=cfg["clip_seq"],
+            )
+        out.update(
+            kernel_size=cfg["kernel_size"],
+            dropout=list(cfg["dropout"]),
+            self_attn=cfg["self_attn"],
+            t_conds=list(cfg["timestep_conditioning_type"]),
+        )
         if not cfg.get("effnet_in_channels"):
             out["switch_level"] = list(cfg["switch_level"]) if cfg.get("switch_level") is not None else None
     except KeyError as err:
-        raise ValueError(f"diffusers config is missing {err.args[0]!r} (not a StableCascadeUNet config?)") from None
+        raise ValueError(
+            f"diffusers config is missing {err.args[0]!r} (not a StableCascadeUNet config?)"
+        ) from None
     return out
 
 
@@ -386,7 +415,9 @@ def original_to_diffusers_config(kwargs: Mapping[str, Any]) -> dict[str, Any]:
         "patch_size": kwargs["patch_size"],
         "pixel_mapper_in_channels": kwargs["c_pixels"] if stage_b else None,
         "self_attn": kwargs["self_attn"],
-        "switch_level": None if stage_b or kwargs.get("switch_level") is None else list(kwargs["switch_level"]),
+        "switch_level": None
+        if stage_b or kwargs.get("switch_level") is None
+        else list(kwargs["switch_level"]),
         "timestep_conditioning_type": list(kwargs["t_conds"]),
         "timestep_ratio_embedding_dim": kwargs["c_r"],
         "up_blocks_repeat_mappers": list(kwargs["block_repeat"][1]),

@@ -4,6 +4,7 @@ diffusers' `PaellaVQModel` has the same modules as the official StageA; only the
 differently (`vquantizer.embedding` vs `vquantizer.codebook`) and its config uses other names. Its
 `scale_factor` (0.3764 by default) multiplies latents before decoding, exactly as StageA's 0.43 does.
 """
+
 from __future__ import annotations
 
 import re
@@ -11,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
+
+from cascade_core.formats import KeyRule, LazyConvertedStateDict
 
 __all__ = [
     "ORIGINAL_CODEBOOK",
@@ -37,17 +40,22 @@ def detect_vqgan_layout(keys: Sequence[str] | Mapping[str, Any]) -> str:
     if DIFFUSERS_CODEBOOK in keys:
         return "diffusers"
     raise ValueError(
-        f"not a Stage A / VQGAN checkpoint: neither {ORIGINAL_CODEBOOK!r} nor {DIFFUSERS_CODEBOOK!r} is present"
+        f"not a Stage A / VQGAN checkpoint: neither {ORIGINAL_CODEBOOK!r} nor {DIFFUSERS_CODEBOOK!r} "
+        "is present"
     )
 
 
-def convert_vqgan_state_dict(state: Mapping[str, Tensor], to_layout: str) -> dict[str, Tensor]:
-    """Rename the codebook key to `to_layout` ('original' or 'diffusers'); every other key is shared."""
+def convert_vqgan_state_dict(state: Mapping[str, Tensor], to_layout: str) -> Mapping[str, Tensor]:
+    """Rename the codebook key to `to_layout` ('original' or 'diffusers'); every other key is shared.
+    Lazy: tensors are read from `state` only when accessed."""
     if to_layout not in ("original", "diffusers"):
         raise ValueError(f"layout must be 'original' or 'diffusers', got {to_layout!r}")
-    src, dst = (DIFFUSERS_CODEBOOK, ORIGINAL_CODEBOOK) if to_layout == "original" else (
-        ORIGINAL_CODEBOOK, DIFFUSERS_CODEBOOK)
-    return {dst if k == src else k: v for k, v in state.items()}
+    src, dst = (
+        (DIFFUSERS_CODEBOOK, ORIGINAL_CODEBOOK)
+        if to_layout == "original"
+        else (ORIGINAL_CODEBOOK, DIFFUSERS_CODEBOOK)
+    )
+    return LazyConvertedStateDict(state, {dst if k == src else k: KeyRule("same", (k,)) for k in state})
 
 
 def infer_stage_a_kwargs(shapes: Mapping[str, Sequence[int]]) -> dict[str, Any]:
@@ -55,10 +63,14 @@ def infer_stage_a_kwargs(shapes: Mapping[str, Sequence[int]]) -> dict[str, Any]:
     so the official 0.43 is returned and a diffusers config overrides it."""
     codebook = shapes.get(ORIGINAL_CODEBOOK) or shapes.get(DIFFUSERS_CODEBOOK)
     if codebook is None or _IN_BLOCK not in shapes or "up_blocks.0.0.weight" not in shapes:
-        raise ValueError("not a Stage A / VQGAN checkpoint: codebook, in_block.1 or up_blocks.0.0 weights missing")
+        raise ValueError(
+            "not a Stage A / VQGAN checkpoint: codebook, in_block.1 or up_blocks.0.0 weights missing"
+        )
     if tuple(shapes[_IN_BLOCK][1:]) != (12, 1, 1):
-        raise ValueError(f"{_IN_BLOCK} has shape {list(shapes[_IN_BLOCK])}; only 3-channel images with a 2x "
-                         "pixel unshuffle (12 input channels) are supported")
+        raise ValueError(
+            f"{_IN_BLOCK} has shape {list(shapes[_IN_BLOCK])}; only 3-channel images with a 2x "
+            "pixel unshuffle (12 input channels) are supported"
+        )
     res = re.compile(r"^(down|up)_blocks\.(\d+)\.gammas$")
     down = sum(1 for k in shapes if (m := res.match(k)) and m.group(1) == "down")
     up = sum(1 for k in shapes if (m := res.match(k)) and m.group(1) == "up")

@@ -68,7 +68,8 @@ def capture_rng_state() -> dict[str, Any]:
     _, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {"keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {"keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached": float(cached)},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -81,14 +82,16 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state(("MT19937", np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    torch.set_rng_state(state["torch"])
+    keys = np.asarray(n["keys"], dtype=np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         saved = state["cuda"]
         if len(saved) != torch.cuda.device_count():
             raise UserError(f"the checkpoint holds CUDA RNG states for {len(saved)} devices but "
-                            f"{torch.cuda.device_count()} are visible; resume with the same CUDA_VISIBLE_DEVICES")
-        torch.cuda.set_rng_state_all(saved)
+                            f"{torch.cuda.device_count()} are visible; resume with the same "
+                            "CUDA_VISIBLE_DEVICES")
+        torch.cuda.set_rng_state_all([t.cpu() for t in saved])
 
 
 def package_versions() -> dict[str, str]:
@@ -163,8 +166,8 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, *, trainable: dict[str, torch.Tensor],
-                    optimizer_state: dict[str, Any], scheduler_state: dict[str, Any], data_cursor: dict[str, Any],
-                    recipe_text: str, ema_state: dict[str, Any] | None = None,
+                    optimizer_state: dict[str, Any], scheduler_state: dict[str, Any],
+                    data_cursor: dict[str, Any], recipe_text: str, ema_state: dict[str, Any] | None = None,
                     loss_weight_state: dict[str, Any] | None = None, keep_last: int | None = None,
                     rng_states: list[dict[str, Any]] | None = None) -> Path:
     """Write the checkpoint of optimizer step `step` atomically, point `latest` at it, prune old ones.
@@ -231,7 +234,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
 # ---- find and load ----
 
 def find_latest(output_dir: str | Path) -> Path | None:
-    """The checkpoint named by `checkpoints/latest`, else the complete one with the highest step, else None."""
+    """The checkpoint named by `checkpoints/latest`, else the complete one of highest step, else None."""
     root = Path(output_dir) / CHECKPOINTS
     pointer = root / LATEST
     if pointer.is_file():
@@ -266,7 +269,8 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     """Read a checkpoint folder; with `restore_rng`, also put this rank's RNG states back.
 
     Load the optimizer/scheduler/EMA states from the result into freshly built objects; restore RNG
-    only after everything random (model init, LoRA init) has been built.
+    only after everything random (model init, LoRA init) has been built. Weights and optimizer state
+    land on `map_location`; the loss-weight state stays on the CPU (its owner copies it in).
     """
     folder = Path(path)
     meta_path = folder / "meta.json"
@@ -278,7 +282,8 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         raise UserError(f"{folder} has checkpoint format {meta.get('format')!r}; this cascade-runner reads "
                         f"format {FORMAT_VERSION}: resume with the version that wrote it")
     device = str(map_location)
-    state = torch.load(folder / "training_state.pt", map_location=map_location, weights_only=True)
+    # On the CPU whatever map_location says: RNG states must be CPU ByteTensors.
+    state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
     ema = None
     if state["ema"] is not None:
         ema = dict(state["ema"], shadow=load_file(str(folder / "ema.safetensors"), device=device))
@@ -315,9 +320,9 @@ def prepare_output_dir(output_dir: str | Path, *, resuming: bool, overwrite: boo
         raise UserError(f"output.dir {out} exists and is not a folder; choose another output.dir")
     if out.is_dir() and any(out.iterdir()) and not resuming:
         if not overwrite:
-            raise UserError(f"output.dir {out} is not empty (a previous run?); set `checkpoints.resume: latest` "
-                            "to continue it, or `output.overwrite: true` to start over (deletes its "
-                            "checkpoints), or choose a new output.dir")
+            raise UserError(f"output.dir {out} is not empty (a previous run?); set "
+                            "`checkpoints.resume: latest` to continue it, or `output.overwrite: true` to "
+                            "start over (deletes its checkpoints), or choose a new output.dir")
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     return out

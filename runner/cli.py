@@ -4,6 +4,7 @@ Each subcommand is one small function registered in `COMMANDS`; its heavy import
 happen inside the function, so `runner --help` and `runner validate` start in well under a second.
 A `UserError` becomes a readable message and exit status 2, never a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,12 @@ def _split(items: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML file (see recipes/)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="override recipe values, e.g. training.learning_rate=5e-5 data.sources.0.repeats=3")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override recipe values, e.g. training.learning_rate=5e-5 data.sources.0.repeats=3",
+    )
 
 
 def _one_recipe(args: argparse.Namespace) -> tuple[str, list[str]]:
@@ -49,18 +54,27 @@ def _train(args: argparse.Namespace) -> int:
 
     recipe, overrides = _one_recipe(args)
     read_recipe(recipe, overrides, paths="error")
-    print(f"{recipe}: recipe OK, but training is not available yet in this version of cascade-runner "
-          f"(the training loop is still being built). `runner plan {recipe}` shows what would run.",
-          file=sys.stderr)
+    print(
+        f"{recipe}: recipe OK, but training is not available yet in this version of cascade-runner "
+        f"(the training loop is still being built). `runner plan {recipe}` shows what would run.",
+        file=sys.stderr,
+    )
     return 1
 
 
 def _validate_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("items", nargs="+", metavar="RECIPE|key=value",
-                        help="recipe files to check, and key=value overrides applied to each")
-    parser.add_argument("--check-paths", action="store_true",
-                        help="treat local files and folders that do not exist as errors (as training does); "
-                             "without it they are warnings, so recipes validate before their data is made")
+    parser.add_argument(
+        "items",
+        nargs="+",
+        metavar="RECIPE|key=value",
+        help="recipe files to check, and key=value overrides applied to each",
+    )
+    parser.add_argument(
+        "--check-paths",
+        action="store_true",
+        help="treat local files and folders that do not exist as errors (as training does); "
+        "without it they are warnings, so recipes validate before their data is made",
+    )
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -114,8 +128,10 @@ def dump_yaml(data: object) -> str:
 def _import_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("tool", choices=["simpletuner"], help="where the configuration comes from")
     parser.add_argument("config", help="SimpleTuner config/config.json")
-    parser.add_argument("--backend", help="multidatabackend.json (default: the file named by the config's "
-                        "data_backend_config)")
+    parser.add_argument(
+        "--backend",
+        help="multidatabackend.json (default: the file named by the config's data_backend_config)",
+    )
     parser.add_argument("-o", "--output", help="recipe file to write (default: print it)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
@@ -127,21 +143,28 @@ def _import(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command("train from a recipe (the default: `runner RECIPE` is `runner train RECIPE`)",
-                     _recipe_args, _train),
-    "validate": Command("check recipes against the schema and the cross-field rules; prints OK or every problem",
-                        _validate_args, _validate),
-    "plan": Command("print the resolved recipe (defaults filled in) without running anything",
-                    _recipe_args, _plan),
+    "train": Command(
+        "train from a recipe (the default: `runner RECIPE` is `runner train RECIPE`)", _recipe_args, _train
+    ),
+    "validate": Command(
+        "check recipes against the schema and the cross-field rules; prints OK or every problem",
+        _validate_args,
+        _validate,
+    ),
+    "plan": Command(
+        "print the resolved recipe (defaults filled in) without running anything", _recipe_args, _plan
+    ),
     "import": Command("convert another trainer's configuration into a recipe", _import_args, _import),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="runner", usage=USAGE,
-        description="cascade-runner: train the Stable Cascade Stage C prior (LoRA or full) from a YAML recipe.",
-        epilog="Exit status: 0 success, 2 a problem you can fix (the message says how), 1 anything else.")
+        prog="runner",
+        usage=USAGE,
+        description="cascade-runner: train the Stable Cascade Stage C prior (LoRA or full) from a recipe.",
+        epilog="Exit status: 0 success, 2 a problem you can fix (the message says how), 1 anything else.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
         command.arguments(sub.add_parser(name, help=command.help, description=command.help))

@@ -61,7 +61,7 @@ class EMA:
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        """`shadow` (name -> fp32 tensor) plus the counters; checkpoint.py stores the shadow as safetensors."""
+        """`shadow` (name -> fp32 tensor) plus counters; checkpoint.py stores the shadow as safetensors."""
         return {"shadow": dict(self.shadow), "num_updates": self.num_updates,
                 "decay": self.decay, "update_interval": self.update_interval, "start_step": self.start_step}
 
@@ -73,7 +73,8 @@ class EMA:
         """
         shadow = state["shadow"]
         missing, unexpected = sorted(set(self.shadow) - set(shadow)), sorted(set(shadow) - set(self.shadow))
-        bad_shape = sorted(n for n in set(self.shadow) & set(shadow) if shadow[n].shape != self.shadow[n].shape)
+        common = set(self.shadow) & set(shadow)
+        bad_shape = sorted(n for n in common if shadow[n].shape != self.shadow[n].shape)
         if missing or unexpected or bad_shape:
             raise UserError(f"EMA state does not match the trainable weights: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}, shape mismatch {bad_shape[:5]}; resume with "

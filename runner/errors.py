@@ -4,6 +4,7 @@ Raise `UserError` (or a subclass) for anything the user can fix: a bad recipe, a
 that needs a package that is not installed. Its message must name the thing and the fix. Everything else
 is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 

@@ -3,6 +3,7 @@
 `resolve_model_source` turns a recipe's `source` (a local path or a hub repo id) into a local path that
 `cascade_core` loaders read. Errors say what was looked for, where, and how to fix it.
 """
+
 from __future__ import annotations
 
 import re
@@ -12,7 +13,13 @@ import huggingface_hub
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
 
-__all__ = ["HubError", "looks_like_repo_id", "model_file_patterns", "download_model_files", "resolve_model_source"]
+__all__ = [
+    "HubError",
+    "looks_like_repo_id",
+    "model_file_patterns",
+    "download_model_files",
+    "resolve_model_source",
+]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHTS_NAME = "diffusion_pytorch_model"
@@ -27,7 +34,9 @@ def looks_like_repo_id(source: str) -> bool:
     return bool(_REPO_ID.match(source)) and not Path(source).expanduser().exists()
 
 
-def model_file_patterns(subfolder: str | None = None, filename: str | None = None, variant: str | None = None) -> list[str]:
+def model_file_patterns(
+    subfolder: str | None = None, filename: str | None = None, variant: str | None = None
+) -> list[str]:
     """allow_patterns for one model: the named file, or a diffusers subfolder's config, index and weights
     (only the requested variant, so a 'prior' download never also pulls the bf16 copy)."""
     base = f"{subfolder.strip('/')}/" if subfolder else ""
@@ -79,18 +88,27 @@ def download_model_files(
         )
     except hub_errors.GatedRepoError:
         raise HubError(
-            f"{repo_id} is gated: accept its license on huggingface.co and log in (`hf auth login` or HF_TOKEN)"
+            f"{repo_id} is gated: accept its license on huggingface.co and log in "
+            "(`hf auth login` or HF_TOKEN)"
         ) from None
     except hub_errors.RepositoryNotFoundError:
-        raise HubError(f"hub repo {repo_id!r} not found (or private without a token); check the id or log in") from None
+        raise HubError(
+            f"hub repo {repo_id!r} not found (or private without a token); check the id or log in"
+        ) from None
     except hub_errors.RevisionNotFoundError:
-        raise HubError(f"revision {revision!r} does not exist in {repo_id}; use a branch, tag or commit hash") from None
+        raise HubError(
+            f"revision {revision!r} does not exist in {repo_id}; use a branch, tag or commit hash"
+        ) from None
     except (hub_errors.LocalEntryNotFoundError, hub_errors.IncompleteSnapshotError) as err:
         offline = local_files_only or hub_constants.HF_HUB_OFFLINE
         reason = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the hub could not be reached"
-        raise HubError(f"{where} is not in the local cache and {reason}; {_fix_hint(repo_id, patterns, revision)}") from err
+        raise HubError(
+            f"{where} is not in the local cache and {reason}; {_fix_hint(repo_id, patterns, revision)}"
+        ) from err
     except hub_errors.HfHubHTTPError as err:
-        raise HubError(f"downloading {where} failed: {err}; retry, or {_fix_hint(repo_id, patterns, revision)}") from err
+        raise HubError(
+            f"downloading {where} failed: {err}; retry, or {_fix_hint(repo_id, patterns, revision)}"
+        ) from err
     target = root / subfolder if subfolder else root
     if filename:
         target = target / filename
@@ -98,7 +116,11 @@ def download_model_files(
     if not present:
         raise HubError(
             f"{where}: no matching files (looked for {patterns}); check subfolder / filename / variant"
-            + ("" if not local_files_only and not hub_constants.HF_HUB_OFFLINE else f", or {_fix_hint(repo_id, patterns, revision)}")
+            + (
+                ""
+                if not local_files_only and not hub_constants.HF_HUB_OFFLINE
+                else f", or {_fix_hint(repo_id, patterns, revision)}"
+            )
         )
     return target if filename else root
 
@@ -120,11 +142,19 @@ def resolve_model_source(
     with `filename`, the result is the file."""
     source_str = str(source)
     if not looks_like_repo_id(source_str):
-        path = Path(source_str).expanduser()
+        path = Path(source_str).expanduser().absolute()
         if not path.exists():
-            raise HubError(f"model source {source_str!r} is neither an existing path nor a hub repo id 'owner/name'")
+            raise HubError(
+                f"model source {source_str!r} is neither an existing path nor a hub repo id 'owner/name'"
+            )
         return (path / subfolder / filename if subfolder else path / filename) if filename else path
     return download_model_files(
-        source_str, subfolder=subfolder, filename=filename, revision=revision, variant=variant,
-        cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+        source_str,
+        subfolder=subfolder,
+        filename=filename,
+        revision=revision,
+        variant=variant,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
     )

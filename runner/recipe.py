@@ -4,6 +4,7 @@ Every problem is collected and reported at once, each with its YAML path, its fi
 command-line override it came from), what was expected and, for unknown keys, a did-you-mean. The schema
 (`schemas/recipe.schema.json`) is the only place defaults live.
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,7 +38,7 @@ def format_path(path: YamlPath) -> str:
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with a recipe: where (`location` is `file:line:column` or the override), what, and a fix."""
+    """One thing wrong with a recipe: where (`file:line:column` or the override), what, and the fix."""
 
     path: str
     location: str
@@ -74,19 +75,27 @@ class _Loader(yaml.SafeLoader):
 
 
 _Loader.yaml_implicit_resolvers = {
-    ch: [(tag, rx) for tag, rx in resolvers if tag not in {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:float",
-                                                           "tag:yaml.org,2002:int"}]
+    ch: [
+        (tag, rx)
+        for tag, rx in resolvers
+        if tag not in {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:float", "tag:yaml.org,2002:int"}
+    ]
     for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
-_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$|^0x[0-9a-fA-F_]+$"),
-                              list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$|^0x[0-9a-fA-F_]+$"), list("-+0123456789")
+)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*|[0-9][0-9_]*(?=[eE]))(?:[eE][-+]?[0-9]+)?$"
-               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."))
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*|[0-9][0-9_]*(?=[eE]))(?:[eE][-+]?[0-9]+)?$"
+        r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
 
 
 def parse_scalar(text: str) -> Any:
@@ -112,8 +121,13 @@ class _Marks:
             for key_node, value_node in node.value:
                 key = key_node.value
                 if key in seen:
-                    problems.append(Problem(format_path(path + (key,)), self.at(key_node.start_mark),
-                                            f"key '{key}' appears twice in this section; keep one"))
+                    problems.append(
+                        Problem(
+                            format_path(path + (key,)),
+                            self.at(key_node.start_mark),
+                            f"key '{key}' appears twice in this section; keep one",
+                        )
+                    )
                 seen.add(key)
                 self.keys[path + (key,)] = self.at(key_node.start_mark)
                 self.walk(value_node, path + (key,), problems)
@@ -140,7 +154,9 @@ def _read_yaml(path: Path) -> tuple[Any, _Marks, list[Problem]]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"recipe file {source} does not exist; check the path (recipes live in recipes/)") from None
+        raise UserError(
+            f"recipe file {source} does not exist; check the path (recipes live in recipes/)"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read recipe {source}: {e}") from None
     marks = _Marks(source)
@@ -177,14 +193,18 @@ def apply_override(data: dict[str, Any], text: str, marks: _Marks) -> None:
         last = i == len(parts) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise UserError(f"override `{text}`: {format_path(path)} is a list of {len(node)} item(s); "
-                                f"use an index from 0 to {len(node) - 1} instead of `{part}`")
+                raise UserError(
+                    f"override `{text}`: {format_path(path)} is a list of {len(node)} item(s); "
+                    f"use an index from 0 to {len(node) - 1} instead of `{part}`"
+                )
             step: str | int = int(part)
         elif isinstance(node, dict):
             step = part
         else:
-            raise UserError(f"override `{text}`: {format_path(path)} is a {type(node).__name__}, not a section, "
-                            f"so it has no key `{part}`")
+            raise UserError(
+                f"override `{text}`: {format_path(path)} is a {type(node).__name__}, not a section, "
+                f"so it has no key `{part}`"
+            )
         path += (step,)
         if last:
             node[step] = value
@@ -220,8 +240,15 @@ def _simpletuner_names() -> dict[str, str]:
     return out
 
 
-_JSON_TYPES = {dict: "a section (mapping)", list: "a list", str: "a string", bool: "true/false", int: "an integer",
-               float: "a number", type(None): "null"}
+_JSON_TYPES = {
+    dict: "a section (mapping)",
+    list: "a list",
+    str: "a string",
+    bool: "true/false",
+    int: "an integer",
+    float: "a number",
+    type(None): "null",
+}
 
 
 def _describe(value: Any) -> str:
@@ -242,22 +269,49 @@ def _schema_problems(error: jsonschema.ValidationError, marks: _Marks) -> list[P
         out = []
         for key in [k for k in value if k not in allowed]:
             st = _simpletuner_names().get(str(key))
-            hint = f"; `{key}` is SimpleTuner's name: here it is `{st}`" if st else _suggest(str(key), allowed)
+            hint = (
+                f"; `{key}` is SimpleTuner's name: here it is `{st}`" if st else _suggest(str(key), allowed)
+            )
             if not hint:
                 hint = "; allowed keys here: " + ", ".join(allowed)
-            out.append(Problem(format_path(path + (key,)), marks.locate(path + (key,), key=True),
-                               f"unknown key '{key}'{hint}"))
+            out.append(
+                Problem(
+                    format_path(path + (key,)),
+                    marks.locate(path + (key,), key=True),
+                    f"unknown key '{key}'{hint}",
+                )
+            )
         return out
     if kind == "required":
         missing = error.validator_value
         keys = [k for k in missing if isinstance(value, dict) and k not in value]
-        return [Problem(format_path(path + (k,)), marks.locate(path),
-                        f"missing required key '{k}' ({schema['properties'][k]['description']})") for k in keys]
+        return [
+            Problem(
+                format_path(path + (k,)),
+                marks.locate(path),
+                f"missing required key '{k}' ({schema['properties'][k]['description']})",
+            )
+            for k in keys
+        ]
     got = _describe(value)
     expected = {
-        "type": lambda v: "expected " + " or ".join(
-            _JSON_TYPES[{"object": dict, "array": list, "string": str, "boolean": bool, "integer": int,
-                         "number": float, "null": type(None)}[t]] for t in ([v] if isinstance(v, str) else v)),
+        "type": lambda v: (
+            "expected "
+            + " or ".join(
+                _JSON_TYPES[
+                    {
+                        "object": dict,
+                        "array": list,
+                        "string": str,
+                        "boolean": bool,
+                        "integer": int,
+                        "number": float,
+                        "null": type(None),
+                    }[t]
+                ]
+                for t in ([v] if isinstance(v, str) else v)
+            )
+        ),
         "enum": lambda v: "expected one of " + ", ".join(json.dumps(x) for x in v),
         "minimum": lambda v: f"expected a value >= {v}",
         "maximum": lambda v: f"expected a value <= {v}",
@@ -302,7 +356,9 @@ def fill_defaults(schema: dict[str, Any], value: Any) -> None:
 
 
 # ---------------------------------------------------------------- entry points
-def read_recipe(path: str | Path, overrides: Sequence[str] = (), *, paths: PathMode = "error") -> LoadedRecipe:
+def read_recipe(
+    path: str | Path, overrides: Sequence[str] = (), *, paths: PathMode = "error"
+) -> LoadedRecipe:
     """Load, override, validate and resolve a recipe; raise RecipeError listing every problem.
 
     `paths="warn"` turns "this local file or folder does not exist" into warnings (`runner validate` and
@@ -313,11 +369,27 @@ def read_recipe(path: str | Path, overrides: Sequence[str] = (), *, paths: PathM
     data, marks, problems = _read_yaml(Path(path))
     source = marks.source
     if data is None:
-        raise RecipeError(source, [Problem("<recipe>", f"{source}:1:1", "the recipe is empty; start from a file "
-                                           "in recipes/ (e.g. recipes/stage_c_lora.yaml)")])
+        raise RecipeError(
+            source,
+            [
+                Problem(
+                    "<recipe>",
+                    f"{source}:1:1",
+                    "the recipe is empty; start from a file in recipes/ (e.g. recipes/stage_c_lora.yaml)",
+                )
+            ],
+        )
     if not isinstance(data, dict):
-        raise RecipeError(source, [Problem("<recipe>", f"{source}:1:1", f"expected a mapping of sections "
-                                           f"(model:, training:, data: ...), got {_describe(data)}")])
+        raise RecipeError(
+            source,
+            [
+                Problem(
+                    "<recipe>",
+                    f"{source}:1:1",
+                    f"expected a mapping of sections (model:, training:, data: ...), got {_describe(data)}",
+                )
+            ],
+        )
     for text in overrides:
         apply_override(data, text, marks)
     raw = copy.deepcopy(data)

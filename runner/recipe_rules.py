@@ -4,6 +4,7 @@ Rules see the resolved spec (defaults filled) and, for "this key has no effect h
 recipe as written. Path checks are separate because `runner validate` reports them as warnings (recipes
 validate before their data or tiny checkpoints are made) while training refuses to start.
 """
+
 from __future__ import annotations
 
 import glob
@@ -59,31 +60,61 @@ def cross_field_problems(spec: Recipe, raw: dict[str, Any]) -> list[Found]:
     out: list[Found] = []
     t, v, prec = spec.training, spec.validation, spec.training.precision
     if prec.mixed_precision == "fp16" and not prec.i_know_what_i_am_doing:
-        out.append((("training", "precision", "mixed_precision"),
-                    "fp16 is refused: Stage C overflows in fp16 (NaN/inf activations; fp16 is not supported by "
-                    "the official models). Use `no` (fp32) or `bf16`; to try anyway set "
-                    "training.precision.i_know_what_i_am_doing: true"))
+        out.append(
+            (
+                ("training", "precision", "mixed_precision"),
+                "fp16 is refused: Stage C overflows in fp16 (NaN/inf activations; fp16 is not supported by "
+                "the official models). Use `no` (fp32) or `bf16`; to try anyway set "
+                "training.precision.i_know_what_i_am_doing: true",
+            )
+        )
     if prec.base_weights != "no_change" and t.mode == "full":
-        out.append((("training", "precision", "base_weights"),
-                    f"{prec.base_weights} base weights are frozen, but full fine-tuning trains every weight; use "
-                    "training.mode: lora, or base_weights: no_change"))
+        out.append(
+            (
+                ("training", "precision", "base_weights"),
+                f"{prec.base_weights} base weights are frozen, but full fine-tuning trains every weight; use "
+                "training.mode: lora, or base_weights: no_change",
+            )
+        )
     if _sub(raw, "training", "precision", "bf16_mode") is not None and prec.mixed_precision != "bf16":
-        out.append((("training", "precision", "bf16_mode"),
-                    f"bf16_mode has no effect with mixed_precision: {prec.mixed_precision}; remove it or set "
-                    "mixed_precision: bf16"))
+        out.append(
+            (
+                ("training", "precision", "bf16_mode"),
+                f"bf16_mode has no effect with mixed_precision: {prec.mixed_precision}; remove it or set "
+                "mixed_precision: bf16",
+            )
+        )
     if t.mode == "full" and _sub(raw, "training", "lora") is not None:
-        out.append((("training", "lora"), "the lora section has no effect with training.mode: full; remove it, "
-                    "or set mode: lora"))
+        out.append(
+            (
+                ("training", "lora"),
+                "the lora section has no effect with training.mode: full; remove it, or set mode: lora",
+            )
+        )
     if (t.max_steps is None) == (t.num_epochs is None):
         both = "both are set" if t.max_steps is not None else "neither is set"
-        out.append((("training", "max_steps"), f"set exactly one of training.max_steps and training.num_epochs "
-                    f"({both})"))
+        out.append(
+            (
+                ("training", "max_steps"),
+                f"set exactly one of training.max_steps and training.num_epochs ({both})",
+            )
+        )
     if t.lora.targets == "custom" and not t.lora.target_patterns:
-        out.append((("training", "lora", "target_patterns"), "targets: custom needs at least one pattern in "
-                    "target_patterns (e.g. 'attention\\.attn'), or pick a preset such as targets: attention"))
+        out.append(
+            (
+                ("training", "lora", "target_patterns"),
+                "targets: custom needs at least one pattern in "
+                "target_patterns (e.g. 'attention\\.attn'), or pick a preset such as targets: attention",
+            )
+        )
     if t.lora.targets != "custom" and t.lora.target_patterns:
-        out.append((("training", "lora", "target_patterns"), f"target_patterns are only used with targets: "
-                    f"custom (targets is {t.lora.targets}); remove them or set targets: custom"))
+        out.append(
+            (
+                ("training", "lora", "target_patterns"),
+                f"target_patterns are only used with targets: "
+                f"custom (targets is {t.lora.targets}); remove them or set targets: custom",
+            )
+        )
     for i, pattern in enumerate(t.lora.target_patterns):
         try:
             re.compile(pattern)
@@ -93,17 +124,37 @@ def cross_field_problems(spec: Recipe, raw: dict[str, Any]) -> list[Found]:
     out += _model_problems(spec)
     out += _data_problems(spec)
     if v.enabled and v.use_decoder and spec.model.decoder is None:
-        out.append((("validation", "use_decoder"), "decoder validation needs a decoder source: add model.decoder "
-                    "(Stage B + Stage A), or set validation.use_decoder: false to decode with the Previewer"))
+        out.append(
+            (
+                ("validation", "use_decoder"),
+                "decoder validation needs a decoder source: add model.decoder "
+                "(Stage B + Stage A), or set validation.use_decoder: false to decode with the Previewer",
+            )
+        )
     if v.enabled and not v.use_decoder and spec.model.previewer is None:
-        out.append((("validation", "use_decoder"), "Previewer-only validation needs model.previewer "
-                    "(previewer.safetensors); add it, or set validation.use_decoder: true with model.decoder"))
+        out.append(
+            (
+                ("validation", "use_decoder"),
+                "Previewer-only validation needs model.previewer "
+                "(previewer.safetensors); add it, or set validation.use_decoder: true with model.decoder",
+            )
+        )
     if v.enabled and not v.prompts and v.prompt_library is None:
-        out.append((("validation", "prompts"), "validation is enabled but has no prompts; add validation.prompts "
-                    "or validation.prompt_library, or set validation.enabled: false"))
+        out.append(
+            (
+                ("validation", "prompts"),
+                "validation is enabled but has no prompts; add validation.prompts "
+                "or validation.prompt_library, or set validation.enabled: false",
+            )
+        )
     if spec.checkpoints.resume is not None and spec.output.overwrite:
-        out.append((("output", "overwrite"), "overwrite deletes the checkpoints that checkpoints.resume continues "
-                    "from; keep only one of them"))
+        out.append(
+            (
+                ("output", "overwrite"),
+                "overwrite deletes the checkpoints that checkpoints.resume continues "
+                "from; keep only one of them",
+            )
+        )
     if (spec.hub.push or spec.hub.push_checkpoints) and spec.hub.model_id is None:
         out.append((("hub", "model_id"), "hub.push needs hub.model_id (owner/name of the target repo)"))
     return out
@@ -115,11 +166,21 @@ def _device_problems(spec: Recipe) -> list[Found]:
     out: list[Found] = []
     base = spec.training.precision.base_weights
     if base in _CUDA_ONLY:
-        out.append((("training", "precision", "base_weights"), f"{base} uses {_CUDA_ONLY[base]}, which need a CUDA "
-                    "GPU, but device is cpu; use base_weights: int8 (pure PyTorch) on the CPU"))
+        out.append(
+            (
+                ("training", "precision", "base_weights"),
+                f"{base} uses {_CUDA_ONLY[base]}, which need a CUDA "
+                "GPU, but device is cpu; use base_weights: int8 (pure PyTorch) on the CPU",
+            )
+        )
     if spec.training.optimizer.name == "adamw8bit":
-        out.append((("training", "optimizer", "name"), "adamw8bit (bitsandbytes) needs a CUDA GPU, but device is "
-                    "cpu; use adamw, adamw_bf16 or adafactor"))
+        out.append(
+            (
+                ("training", "optimizer", "name"),
+                "adamw8bit (bitsandbytes) needs a CUDA GPU, but device is "
+                "cpu; use adamw, adamw_bf16 or adafactor",
+            )
+        )
     if spec.distributed.backend == "nccl":
         out.append((("distributed", "backend"), "nccl needs CUDA GPUs, but device is cpu; use gloo or auto"))
     return out
@@ -129,18 +190,32 @@ def _model_problems(spec: Recipe) -> list[Found]:
     out: list[Found] = []
     for path, src in _model_sources(spec):
         if src.revision is not None and is_local_path(src.path):
-            out.append((path + ("revision",), f"revision applies to hub repos, but {src.path!r} is a local path; "
-                        "set revision: null"))
+            out.append(
+                (
+                    path + ("revision",),
+                    f"revision applies to hub repos, but {src.path!r} is a local path; set revision: null",
+                )
+            )
     prior_flavour = _PRIOR_SUBFOLDERS.get(spec.model.prior.subfolder)
     if prior_flavour is not None and spec.model.flavour != "tiny" and prior_flavour != spec.model.flavour:
-        out.append((("model", "prior", "subfolder"), f"subfolder {spec.model.prior.subfolder!r} holds the "
-                    f"{prior_flavour} weights but model.flavour is {spec.model.flavour}; make them agree"))
+        out.append(
+            (
+                ("model", "prior", "subfolder"),
+                f"subfolder {spec.model.prior.subfolder!r} holds the "
+                f"{prior_flavour} weights but model.flavour is {spec.model.flavour}; make them agree",
+            )
+        )
     dec = spec.model.decoder
     if dec is not None:
         dec_flavour = _DECODER_SUBFOLDERS.get(dec.source.subfolder)
         if dec_flavour is not None and dec.flavour != "tiny" and dec_flavour != dec.flavour:
-            out.append((("model", "decoder", "source", "subfolder"), f"subfolder {dec.source.subfolder!r} holds the "
-                        f"{dec_flavour} weights but model.decoder.flavour is {dec.flavour}; make them agree"))
+            out.append(
+                (
+                    ("model", "decoder", "source", "subfolder"),
+                    f"subfolder {dec.source.subfolder!r} holds the "
+                    f"{dec_flavour} weights but model.decoder.flavour is {dec.flavour}; make them agree",
+                )
+            )
     return out
 
 
@@ -150,20 +225,36 @@ def _data_problems(spec: Recipe) -> list[Found]:
     for i, s in enumerate(spec.data.sources):
         here = ("data", "sources", i)
         if s.name in seen:
-            out.append((here + ("name",), f"source name {s.name!r} is used twice; names key caches and must be "
-                        "unique"))
+            out.append(
+                (
+                    here + ("name",),
+                    f"source name {s.name!r} is used twice; names key caches and must be unique",
+                )
+            )
         seen.add(s.name)
         if (s.caption_strategy == "instanceprompt" or s.prepend_instance_prompt) and not s.instance_prompt:
-            why = "caption_strategy: instanceprompt" if s.caption_strategy == "instanceprompt" else \
-                "prepend_instance_prompt: true"
+            why = (
+                "caption_strategy: instanceprompt"
+                if s.caption_strategy == "instanceprompt"
+                else "prepend_instance_prompt: true"
+            )
             out.append((here + ("instance_prompt",), f"{why} needs instance_prompt (the text to use)"))
         if (s.maximum_image_size is None) != (s.target_downsample_size is None):
-            out.append((here + ("target_downsample_size",), "maximum_image_size and target_downsample_size work "
-                        "together: set both or neither"))
+            out.append(
+                (
+                    here + ("target_downsample_size",),
+                    "maximum_image_size and target_downsample_size work together: set both or neither",
+                )
+            )
         elif s.maximum_image_size is not None and s.target_downsample_size > s.maximum_image_size:
-            out.append((here + ("target_downsample_size",), f"target_downsample_size ({s.target_downsample_size}) "
-                        f"must not exceed maximum_image_size ({s.maximum_image_size}); it is what oversize images "
-                        "shrink to"))
+            out.append(
+                (
+                    here + ("target_downsample_size",),
+                    f"target_downsample_size ({s.target_downsample_size}) "
+                    f"must not exceed maximum_image_size ({s.maximum_image_size}): oversize images "
+                    "shrink to it",
+                )
+            )
         if s.buckets is not None and len(set(s.buckets)) != len(s.buckets):
             out.append((here + ("buckets",), "a bucket is listed twice; remove the duplicate"))
     return out
@@ -177,22 +268,34 @@ def path_problems(spec: Recipe) -> list[Found]:
         if s.type == "local" and not Path(s.path).expanduser().is_dir():
             out.append((here, f"folder {s.path} does not exist; fix the path or create the dataset there"))
         elif s.type == "webdataset" and not _URL.match(s.path) and not _shards_exist(s.path):
-            out.append((here, f"no shard matches {s.path}; make shards with tools/shard_dataset.py or fix the "
-                        "path"))
+            out.append(
+                (here, f"no shard matches {s.path}; make shards with tools/shard_dataset.py or fix the path")
+            )
     for path, src in _model_sources(spec):
         if is_local_path(src.path):
             full = Path(src.path, src.subfolder, src.filename or "").expanduser()
             if not full.exists():
-                out.append((path + ("path",), f"{full} does not exist; fix the path, or use a hub repo id "
-                            "(owner/name)"))
-    for path, value in ((("validation", "prompt_library"), spec.validation.prompt_library),
-                        (("training", "lora", "init_weights"), spec.training.lora.init_weights)):
+                out.append(
+                    (
+                        path + ("path",),
+                        f"{full} does not exist; fix the path, or use a hub repo id (owner/name)",
+                    )
+                )
+    for path, value in (
+        (("validation", "prompt_library"), spec.validation.prompt_library),
+        (("training", "lora", "init_weights"), spec.training.lora.init_weights),
+    ):
         if value is not None and not Path(value).expanduser().is_file():
             out.append((path, f"file {value} does not exist; fix the path or set null"))
     resume = spec.checkpoints.resume
     if resume is not None and resume != "latest" and not Path(resume).expanduser().exists():
-        out.append((("checkpoints", "resume"), f"checkpoint {resume} does not exist; use `latest`, a checkpoint "
-                    "folder under OUTPUT/checkpoints/, or null"))
+        out.append(
+            (
+                ("checkpoints", "resume"),
+                f"checkpoint {resume} does not exist; use `latest`, a checkpoint "
+                "folder under OUTPUT/checkpoints/, or null",
+            )
+        )
     return out
 
 
@@ -205,5 +308,5 @@ def _shards_exist(pattern: str) -> bool:
     if match:
         inner = match[1]
         first = inner.split("..")[0] if ".." in inner else inner.split(",")[0]
-        return _shards_exist(pattern[: match.start()] + first + pattern[match.end():])
+        return _shards_exist(pattern[: match.start()] + first + pattern[match.end() :])
     return any(Path(p).is_file() for p in glob.glob(str(Path(pattern).expanduser())))

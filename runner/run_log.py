@@ -104,7 +104,8 @@ class _WandB:
             import wandb
         except ImportError as exc:
             raise UserError("logging.report_to: wandb needs the wandb package: pip install wandb "
-                            "(then `wandb login`, or WANDB_MODE=offline), or choose report_to: jsonl") from exc
+                            "(then `wandb login`, or WANDB_MODE=offline), or choose report_to: jsonl"
+                            ) from exc
         id_file = output_dir / _WANDB_ID_FILE
         run_id = id_file.read_text().strip() if resuming and id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")  # a resumed run continues the same W&B curve
@@ -268,7 +269,8 @@ class RunLogger:
             draw_loss_curve(list(steps), list(losses), self.output_dir / LOSS_CURVE_FILE)
             self.files.add(LOSS_CURVE_FILE)
         self.files.add(SUMMARY_FILE)
-        summary = summarize(steps=step, start_step=self.start_step, wall_time_s=time.perf_counter() - self._start,
+        elapsed = time.perf_counter() - self._start
+        summary = summarize(steps=step, start_step=self.start_step, wall_time_s=elapsed,
                             peak_memory=peak_memory_gib(self.device), files=sorted(self.files),
                             samples=samples, skipped_steps=skipped_steps)
         (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

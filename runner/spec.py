@@ -2,9 +2,10 @@
 
 They mirror `schemas/recipe.schema.json` one to one (a test keeps them equal in both directions): a field per
 schema key, in schema order, with no defaults of their own, because the schema's defaults are the only ones.
-`runner.recipe` validates the YAML and fills those defaults, then `build_spec` turns the plain dict into these.
+`runner.recipe` validates the YAML and fills those defaults, then `build_spec` turns the dict into these.
 Lists become tuples so that a spec is hashable and cannot be changed by accident.
 """
+
 from __future__ import annotations
 
 import dataclasses

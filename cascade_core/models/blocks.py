@@ -4,6 +4,7 @@ Parameter names follow the official checkpoints exactly (`depthwise`, `channelwi
 `attention.attn.in_proj_weight`, ...), so a state dict loads without renaming. All norms are
 channels-last LayerNorms without affine parameters and eps 1e-6.
 """
+
 from __future__ import annotations
 
 import math
@@ -186,7 +187,15 @@ class AttnBlock(nn.Module):
     """x + Attention(LN2d(x), keys/values = [image tokens ; Linear(SiLU(conditioning tokens))])."""
 
     def __init__(
-        self, c: int, c_cond: int, nhead: int, self_attn: bool = True, dropout: float = 0.0, *, device=None, dtype=None
+        self,
+        c: int,
+        c_cond: int,
+        nhead: int,
+        self_attn: bool = True,
+        dropout: float = 0.0,
+        *,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
         self.self_attn = self_attn
@@ -235,7 +244,9 @@ def r_embedding(r: Tensor, c_r: int, max_positions: int = 10000) -> Tensor:
     return emb
 
 
-def apply_block(block: nn.Module, x: Tensor, r_embed: Tensor, clip: Tensor, skip: Tensor | None = None) -> Tensor:
+def apply_block(
+    block: nn.Module, x: Tensor, r_embed: Tensor, clip: Tensor, skip: Tensor | None = None
+) -> Tensor:
     """Run one UNet block with the inputs its type takes (the official `_down_encode` dispatch)."""
     if isinstance(block, ResBlock):
         return block(x, skip)

@@ -5,12 +5,16 @@ Stage C is trained to generate exactly what this encoder produces, so it must ma
 torchvision's module names so `effnet_encoder.safetensors` loads unchanged) followed by a 1x1 conv to 16
 channels and a non-affine BatchNorm that standardises the latents.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+from cascade_core.models.latent_size import encoder_pixel_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,8 +50,9 @@ LAST_CHANNELS = 1280
 class ConvBNAct(nn.Sequential):
     """Conv (no bias) -> BatchNorm -> optional SiLU; keys `.0` conv, `.1` bn as in torchvision."""
 
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1,
-                 act: bool = True) -> None:
+    def __init__(
+        self, c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True
+    ) -> None:
         layers: list[nn.Module] = [
             nn.Conv2d(c_in, c_out, kernel, stride, padding=(kernel - 1) // 2, groups=groups, bias=False),
             nn.BatchNorm2d(c_out, eps=BACKBONE_BN_EPS),
@@ -84,7 +89,9 @@ class FusedMBConv(nn.Module):
         if c_mid == c_in:
             self.block = nn.Sequential(ConvBNAct(c_in, c_out, 3, stride))
         else:
-            self.block = nn.Sequential(ConvBNAct(c_in, c_mid, 3, stride), ConvBNAct(c_mid, c_out, 1, act=False))
+            self.block = nn.Sequential(
+                ConvBNAct(c_in, c_mid, 3, stride), ConvBNAct(c_mid, c_out, 1, act=False)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.block(x)
@@ -116,8 +123,12 @@ def efficientnet_v2_s_features() -> nn.Sequential:
     for stage in EFFICIENTNET_V2_S:
         block_type = FusedMBConv if stage.fused else MBConv
         layers = [
-            block_type(stage.c_in if i == 0 else stage.c_out, stage.c_out, stage.expand,
-                       stage.stride if i == 0 else 1)
+            block_type(
+                stage.c_in if i == 0 else stage.c_out,
+                stage.c_out,
+                stage.expand,
+                stage.stride if i == 0 else 1,
+            )
             for i in range(stage.layers)
         ]
         children.append(nn.Sequential(*layers))
@@ -158,7 +169,31 @@ class EfficientNetEncoder(nn.Module):
 def imagenet_normalize(images: torch.Tensor) -> torch.Tensor:
     """[0,1] RGB [B,3,H,W] -> the ImageNet-normalised input the encoder was trained on."""
     if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"imagenet_normalize expects RGB images [B,3,H,W] in [0,1], got {tuple(images.shape)}")
+        raise ValueError(
+            f"imagenet_normalize expects RGB images [B,3,H,W] in [0,1], got {tuple(images.shape)}"
+        )
     mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return (images - mean) / std
+
+
+def encode_stage_c_latents(encoder: EfficientNetEncoder, images: torch.Tensor) -> torch.Tensor:
+    """[0,1] RGB images at the training / output resolution [B,3,H,W] -> Stage C latents
+    [B,16,*stage_c_latent_size(H, W)] (1024x1024 -> 24x24).
+
+    The one path from pixels to latents for training, caching and img2img: resize to
+    `encoder_pixel_size` (bilinear, antialiased, as the official data loader resizes), ImageNet-normalise,
+    encode in the encoder's dtype.
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"encode_stage_c_latents expects RGB images [B,3,H,W] in [0,1], got {tuple(images.shape)}"
+        )
+    size = encoder_pixel_size(int(images.shape[-2]), int(images.shape[-1]))
+    x = images.float()
+    if tuple(x.shape[-2:]) != size:
+        x = F.interpolate(
+            x, size=size, mode="bilinear", align_corners=False, antialias=True
+        )  # (B, 3, 32h, 32w)
+    dtype = next(encoder.parameters()).dtype
+    return encoder(imagenet_normalize(x).to(dtype))

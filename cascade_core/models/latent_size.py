@@ -15,6 +15,7 @@ Our rule, for an image (training resolution or requested output) of H x W pixels
 * Stage B latent (and Stage A): (ceil(H / 4), ceil(W / 4)); Stage A decodes that to 4x as many pixels,
   which callers crop to H x W.
 """
+
 from __future__ import annotations
 
 import math

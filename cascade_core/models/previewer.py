@@ -4,6 +4,7 @@ It lets training previews and `--preview-only` sampling show what a latent means
 and Stage A. Layout follows the official `Previewer` (one Sequential `blocks`, activation before BatchNorm)
 so `previewer.safetensors` loads unchanged.
 """
+
 from __future__ import annotations
 
 import torch

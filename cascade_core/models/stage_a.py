@@ -3,6 +3,7 @@
 Follows the official `StageA` (keys of `stage_a.safetensors`) including its vector quantiser. Decode
 never quantises: Stage B outputs are decoded directly.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -57,7 +58,10 @@ class VectorQuantizer(nn.Module):
         with torch.no_grad():
             dist = torch.addmm(
                 codebook.pow(2).sum(dim=1) + flat.pow(2).sum(dim=1, keepdim=True),
-                flat, codebook.t(), alpha=-2.0, beta=1.0,
+                flat,
+                codebook.t(),
+                alpha=-2.0,
+                beta=1.0,
             )
             indices = dist.min(dim=1).indices
         chosen = codebook.index_select(0, indices)  # (B*H*W, C), carries the codebook gradient
@@ -84,8 +88,15 @@ class StageA(nn.Module):
     diffusers' `vqgan/` carries its own value in its config).
     """
 
-    def __init__(self, levels: int = 2, bottleneck_blocks: int = 12, c_hidden: int = 384, c_latent: int = 4,
-                 codebook_size: int = 8192, scale_factor: float = 0.43) -> None:
+    def __init__(
+        self,
+        levels: int = 2,
+        bottleneck_blocks: int = 12,
+        c_hidden: int = 384,
+        c_latent: int = 4,
+        codebook_size: int = 8192,
+        scale_factor: float = 0.43,
+    ) -> None:
         super().__init__()
         self.c_latent = c_latent
         self.scale_factor = scale_factor
@@ -96,8 +107,11 @@ class StageA(nn.Module):
             if i > 0:
                 down.append(nn.Conv2d(c_levels[i - 1], c_levels[i], kernel_size=4, stride=2, padding=1))
             down.append(StageAResBlock(c_levels[i], c_levels[i] * 4))
-        down.append(nn.Sequential(nn.Conv2d(c_levels[-1], c_latent, kernel_size=1, bias=False),
-                                  nn.BatchNorm2d(c_latent)))
+        down.append(
+            nn.Sequential(
+                nn.Conv2d(c_levels[-1], c_latent, kernel_size=1, bias=False), nn.BatchNorm2d(c_latent)
+            )
+        )
         self.down_blocks = nn.Sequential(*down)
         self.vquantizer = VectorQuantizer(c_latent, codebook_size)
         up: list[nn.Module] = [nn.Sequential(nn.Conv2d(c_latent, c_levels[-1], kernel_size=1))]
@@ -113,7 +127,9 @@ class StageA(nn.Module):
     def encode(self, images: torch.Tensor, quantize: bool = False) -> StageAEncoding:
         """images [B,3,H,W] in [0,1], H and W multiples of 2**levels -> latent [B,4,H/4,W/4] (levels 2)."""
         if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"StageA.encode expects RGB images [B,3,H,W] in [0,1], got {tuple(images.shape)}")
+            raise ValueError(
+                f"StageA.encode expects RGB images [B,3,H,W] in [0,1], got {tuple(images.shape)}"
+            )
         if images.shape[-2] % self.downscale or images.shape[-1] % self.downscale:
             raise ValueError(
                 f"StageA.encode needs H and W divisible by {self.downscale}, got {tuple(images.shape[-2:])}; "
@@ -123,16 +139,24 @@ class StageA(nn.Module):
         if not quantize:
             return StageAEncoding(x / self.scale_factor, None, None, None)
         q = self.vquantizer(x)
-        return StageAEncoding(q.quantized / self.scale_factor, x / self.scale_factor, q.indices,
-                              q.vq_loss + q.commit_loss * 0.25)
+        return StageAEncoding(
+            q.quantized / self.scale_factor,
+            x / self.scale_factor,
+            q.indices,
+            q.vq_loss + q.commit_loss * 0.25,
+        )
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """latent [B,4,h,w] (already / scale_factor, as Stage B produces it) -> RGB [B,3,4h,4w], unclamped."""
         if latent.dim() != 4 or latent.shape[1] != self.c_latent:
-            raise ValueError(f"StageA.decode expects latents [B,{self.c_latent},h,w], got {tuple(latent.shape)}")
+            raise ValueError(
+                f"StageA.decode expects latents [B,{self.c_latent},h,w], got {tuple(latent.shape)}"
+            )
         return self.out_block(self.up_blocks(latent * self.scale_factor))
 
-    def forward(self, images: torch.Tensor, quantize: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, images: torch.Tensor, quantize: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Autoencode: (decode(encode(images).latent), VQ loss or None)."""
         enc = self.encode(images, quantize)
         return self.decode(enc.latent), enc.loss

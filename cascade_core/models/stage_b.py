@@ -6,6 +6,7 @@ with real 2x down/up-sampling (strided conv / transposed conv), the effnet and p
 pooled-text-only conditioning (`clip_mapper`). Keys are exactly those of `stage_b*.safetensors`.
 We never train Stage B, so there is no official init here: build on meta and load a checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from cascade_core.formats import diffusers_config_to_original, infer_unet_hparams
 from cascade_core.models.blocks import (
     AttnBlock,
     FeedForwardBlock,
@@ -27,7 +29,7 @@ from cascade_core.models.blocks import (
     r_embedding,
 )
 
-__all__ = ["StageBConfig", "StageB", "STAGE_B_PRESETS"]
+__all__ = ["StageBConfig", "StageB", "STAGE_B_PRESETS", "stage_b_config_from_shapes"]
 
 _BLOCK_TYPES = frozenset("CTAF")
 DEFAULT_PIXELS_SIZE = 8  # official default `pixels`: zeros [B, 3, 8, 8]
@@ -80,7 +82,9 @@ class StageBConfig:
             if not letters or set(letters) - _BLOCK_TYPES:
                 problems.append(f"level_config[{i}]={letters!r} may only use the letters C, T, A, F")
             elif "A" in letters and (self.nhead[i] <= 0 or self.c_hidden[i] % self.nhead[i]):
-                problems.append(f"level {i}: c_hidden {self.c_hidden[i]} is not a multiple of nhead {self.nhead[i]}")
+                problems.append(
+                    f"level {i}: c_hidden {self.c_hidden[i]} is not a multiple of nhead {self.nhead[i]}"
+                )
         if problems:
             raise ValueError("invalid StageBConfig: " + "; ".join(problems))
 
@@ -116,15 +120,70 @@ STAGE_B_PRESETS: dict[str, StageBConfig] = {
     "decoder": StageBConfig(),
     # train_b.py's 700M model: only these four arguments differ from the defaults.
     "decoder_lite": StageBConfig(
-        c_hidden=(320, 576, 1152, 1152), nhead=(-1, 9, 18, 18),
-        blocks=((2, 4, 14, 4), (4, 14, 4, 2)), block_repeat=((1, 1, 1, 1), (2, 2, 2, 2)),
+        c_hidden=(320, 576, 1152, 1152),
+        nhead=(-1, 9, 18, 18),
+        blocks=((2, 4, 14, 4), (4, 14, 4, 2)),
+        block_repeat=((1, 1, 1, 1), (2, 2, 2, 2)),
     ),
     # The golden test model (golden/stage_b_tiny): 4 widths, attention on two levels, up-path repeats.
     "tiny": StageBConfig(
-        c_cond=32, c_hidden=(16, 24, 32, 32), nhead=(-1, -1, 2, 4),
-        blocks=((1, 2, 1, 1), (2, 1, 1, 1)), c_clip=24,
+        c_cond=32,
+        c_hidden=(16, 24, 32, 32),
+        nhead=(-1, -1, 2, 4),
+        blocks=((1, 2, 1, 1), (2, 1, 1, 1)),
+        c_clip=24,
     ),
 }
+
+
+_UNOBSERVABLE = ("nhead", "dropout", "self_attn")  # not visible in tensor shapes
+
+
+def stage_b_config_from_shapes(
+    shapes: Mapping[str, Any], *, diffusers_config: Mapping[str, Any] | None = None
+) -> tuple[StageBConfig, str]:
+    """(config, flavour) for a checkpoint's original-layout key shapes.
+
+    Shapes fix everything but attention heads, dropout and self_attn. Those come from a diffusers
+    config.json when given (it wins even over a preset with the same shapes), else from the preset whose
+    shapes match (flavour = its name), else from the released models' rules: 64-wide heads and dropout
+    0.1 on levels with attention (flavour 'custom'). Raises ValueError."""
+    c_in = int(diffusers_config.get("in_channels", 4)) if diffusers_config else 4
+    inferred = infer_unet_hparams(shapes, c_in=c_in)
+    if "c_effnet" not in inferred:
+        raise ValueError("the shapes are those of a Stage C prior, not a Stage B decoder")
+    flavour = next(
+        (
+            name
+            for name, p in STAGE_B_PRESETS.items()
+            if all(p.to_dict()[k] == v for k, v in inferred.items())
+        ),
+        None,
+    )
+    if flavour is not None:
+        values = STAGE_B_PRESETS[flavour].to_dict()
+    else:
+        attn = ["A" in letters for letters in inferred["level_config"]]
+        widths = inferred["c_hidden"]
+        values = {
+            **StageBConfig().to_dict(),
+            **inferred,
+            "nhead": [c // 64 if a else -1 for c, a in zip(widths, attn, strict=True)],
+            "dropout": [0.1 if a else 0.0 for a in attn],
+        }
+        bad = [c for c, a in zip(widths, attn, strict=True) if a and c % 64]
+        if bad and not diffusers_config:
+            raise ValueError(
+                f"cannot infer attention heads for widths {bad} (not multiples of 64): pass config= or put "
+                "the model's diffusers config.json beside the weights"
+            )
+    if diffusers_config:
+        from_json = diffusers_config_to_original(diffusers_config)
+        values.update({k: from_json[k] for k in _UNOBSERVABLE if from_json.get(k) is not None})
+    config = StageBConfig.from_dict(values)
+    if flavour is not None and config == STAGE_B_PRESETS[flavour]:
+        return config, flavour
+    return config, "custom"
 
 
 def _mapper(c_in: int, c_out: int, kw: dict) -> nn.Sequential:
@@ -172,36 +231,57 @@ class StageB(nn.Module):
                 return FeedForwardBlock(c, dropout=p, **kw)
             return TimestepBlock(c, cfg.c_r, conds=cfg.t_conds, **kw)
 
-        self.down_blocks, self.down_downscalers, self.down_repeat_mappers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.down_blocks, self.down_downscalers, self.down_repeat_mappers = (
+            nn.ModuleList(),
+            nn.ModuleList(),
+            nn.ModuleList(),
+        )
         for i in range(n):
             self.down_downscalers.append(
-                nn.Sequential(LayerNorm2d(hidden[i - 1]),
-                              nn.Conv2d(hidden[i - 1], hidden[i], kernel_size=2, stride=2, **kw))
-                if i > 0 else nn.Identity()
+                nn.Sequential(
+                    LayerNorm2d(hidden[i - 1]),
+                    nn.Conv2d(hidden[i - 1], hidden[i], kernel_size=2, stride=2, **kw),
+                )
+                if i > 0
+                else nn.Identity()
             )
             self.down_blocks.append(
                 nn.ModuleList([block(t, i) for _ in range(cfg.blocks[0][i]) for t in cfg.level_config[i]])
             )
             self.down_repeat_mappers.append(
-                nn.ModuleList([nn.Conv2d(hidden[i], hidden[i], 1, **kw) for _ in range(cfg.block_repeat[0][i] - 1)])
+                nn.ModuleList(
+                    [nn.Conv2d(hidden[i], hidden[i], 1, **kw) for _ in range(cfg.block_repeat[0][i] - 1)]
+                )
             )
 
-        self.up_blocks, self.up_upscalers, self.up_repeat_mappers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.up_blocks, self.up_upscalers, self.up_repeat_mappers = (
+            nn.ModuleList(),
+            nn.ModuleList(),
+            nn.ModuleList(),
+        )
         for i in reversed(range(n)):  # up_blocks.0 is the deepest level
             self.up_upscalers.append(
-                nn.Sequential(LayerNorm2d(hidden[i]),
-                              nn.ConvTranspose2d(hidden[i], hidden[i - 1], kernel_size=2, stride=2, **kw))
-                if i > 0 else nn.Identity()
+                nn.Sequential(
+                    LayerNorm2d(hidden[i]),
+                    nn.ConvTranspose2d(hidden[i], hidden[i - 1], kernel_size=2, stride=2, **kw),
+                )
+                if i > 0
+                else nn.Identity()
             )
             level = nn.ModuleList()
             for j in range(cfg.blocks[1][::-1][i]):
                 for k, t in enumerate(cfg.level_config[i]):
-                    c_skip = hidden[i] if i < n - 1 and j == k == 0 else 0  # first ResBlock takes the long skip
+                    c_skip = (
+                        hidden[i] if i < n - 1 and j == k == 0 else 0
+                    )  # first ResBlock takes the long skip
                     level.append(block(t, i, c_skip))
             self.up_blocks.append(level)
             self.up_repeat_mappers.append(
                 nn.ModuleList(
-                    [nn.Conv2d(hidden[i], hidden[i], 1, **kw) for _ in range(cfg.block_repeat[1][::-1][i] - 1)]
+                    [
+                        nn.Conv2d(hidden[i], hidden[i], 1, **kw)
+                        for _ in range(cfg.block_repeat[1][::-1][i] - 1)
+                    ]
                 )
             )
 
@@ -241,11 +321,15 @@ class StageB(nn.Module):
         if x.dim() != 4 or x.shape[1] != cfg.c_in:
             raise ValueError(f"StageB expects x of shape [B, {cfg.c_in}, H, W], got {tuple(x.shape)}")
         if x.shape[-2] % cfg.patch_size or x.shape[-1] % cfg.patch_size:
-            raise ValueError(f"StageB needs H and W divisible by patch_size {cfg.patch_size}, got {tuple(x.shape)}")
+            raise ValueError(
+                f"StageB needs H and W divisible by patch_size {cfg.patch_size}, got {tuple(x.shape)}"
+            )
         if r.dim() != 1 or r.shape[0] != b:
             raise ValueError(f"StageB expects r of shape [{b}], got {tuple(r.shape)}")
         if effnet.dim() != 4 or effnet.shape[:2] != (b, cfg.c_effnet):
-            raise ValueError(f"StageB expects effnet of shape [{b}, {cfg.c_effnet}, h, w], got {tuple(effnet.shape)}")
+            raise ValueError(
+                f"StageB expects effnet of shape [{b}, {cfg.c_effnet}, h, w], got {tuple(effnet.shape)}"
+            )
         dtype = x.dtype
         if pixels is None:
             pixels = x.new_zeros(b, cfg.c_pixels, DEFAULT_PIXELS_SIZE, DEFAULT_PIXELS_SIZE)
@@ -258,7 +342,9 @@ class StageB(nn.Module):
         x = x + _resize(self.pixels_mapper(pixels.to(dtype)), size, dtype)  # map, then resize
 
         levels: list[Tensor] = []
-        for blocks, downscaler, repmap in zip(self.down_blocks, self.down_downscalers, self.down_repeat_mappers):
+        for blocks, downscaler, repmap in zip(
+            self.down_blocks, self.down_downscalers, self.down_repeat_mappers, strict=False
+        ):
             x = downscaler(x)  # halves H, W for levels > 0 (floor for odd sizes)
             for rep in range(len(repmap) + 1):
                 for blk in blocks:
@@ -268,7 +354,9 @@ class StageB(nn.Module):
             levels.insert(0, x)
 
         x = levels[0]
-        for u, (blocks, upscaler, repmap) in enumerate(zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers)):
+        for u, (blocks, upscaler, repmap) in enumerate(
+            zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers, strict=True)
+        ):
             for rep in range(len(repmap) + 1):
                 for k, blk in enumerate(blocks):
                     skip = levels[u] if k == 0 and u > 0 and isinstance(blk, ResBlock) else None

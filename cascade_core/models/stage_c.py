@@ -3,6 +3,7 @@
 Build on the meta device (`device="meta"`) and materialize from a checkpoint with
 `cascade_core.load_stage_c`; the state-dict keys are exactly those of Stability's single files.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,12 +78,16 @@ class StageCConfig:
             if len(value) != 2 or any(len(v) != n for v in value):
                 problems.append(f"{name} must be [down, up] with {n} entries each, got {value}")
         if len(self.switch_level) != n - 1:
-            problems.append(f"switch_level needs {n - 1} entries (one per level change), got {len(self.switch_level)}")
+            problems.append(
+                f"switch_level needs {n - 1} entries (one per level change), got {len(self.switch_level)}"
+            )
         for i, letters in enumerate(self.level_config[: min(n, len(self.nhead))]):
             if not letters or set(letters) - _BLOCK_TYPES:
                 problems.append(f"level_config[{i}]={letters!r} may only use the letters C, T, A, F")
             if "A" in letters and (self.nhead[i] <= 0 or self.c_hidden[i] % self.nhead[i]):
-                problems.append(f"level {i}: c_hidden {self.c_hidden[i]} is not a multiple of nhead {self.nhead[i]}")
+                problems.append(
+                    f"level {i}: c_hidden {self.c_hidden[i]} is not a multiple of nhead {self.nhead[i]}"
+                )
         if problems:
             raise ValueError("invalid StageCConfig: " + "; ".join(problems))
 
@@ -109,8 +114,10 @@ class StageCConfig:
             if f.name == "gradient_checkpointing":
                 continue
             value = getattr(self, f.name)
-            out[f.name] = [list(v) for v in value] if f.name in ("blocks", "block_repeat") else (
-                list(value) if isinstance(value, tuple) else value
+            out[f.name] = (
+                [list(v) for v in value]
+                if f.name in ("blocks", "block_repeat")
+                else (list(value) if isinstance(value, tuple) else value)
             )
         return out
 
@@ -122,8 +129,13 @@ STAGE_C_PRESETS: dict[str, StageCConfig] = {
     ),
     # The golden test model: two widths, extra t_conds, skip and non-skip ResBlocks.
     "tiny": StageCConfig(
-        c_cond=32, c_hidden=(32, 48), nhead=(2, 4), blocks=((1, 2), (2, 1)),
-        c_clip_text=24, c_clip_text_pooled=24, c_clip_img=20,
+        c_cond=32,
+        c_hidden=(32, 48),
+        nhead=(2, 4),
+        blocks=((1, 2), (2, 1)),
+        c_clip_text=24,
+        c_clip_text_pooled=24,
+        c_clip_img=20,
     ),
 }
 
@@ -151,13 +163,21 @@ def stage_c_config_from_shapes(
             if from_json.get(key) is not None:
                 values[key] = from_json[key]
     else:
-        bad = [c for c, letters in zip(widths, inferred["level_config"]) if "A" in letters and c % 64]
+        bad = [
+            c
+            for c, letters in zip(widths, inferred["level_config"], strict=True)
+            if "A" in letters and c % 64
+        ]
         if bad:
             raise ValueError(
                 f"cannot infer attention heads for widths {bad} (not multiples of 64): pass config= or "
                 "put the model's diffusers config.json beside the weights"
             )
-        values.update(nhead=[c // 64 for c in widths], dropout=[0.1] * len(widths), switch_level=[False] * (len(widths) - 1))
+        values.update(
+            nhead=[c // 64 for c in widths],
+            dropout=[0.1] * len(widths),
+            switch_level=[False] * (len(widths) - 1),
+        )
     return StageCConfig.from_dict(values), "custom"
 
 
@@ -193,12 +213,18 @@ class StageC(nn.Module):
             return TimestepBlock(c, cfg.c_r, conds=cfg.t_conds, **kw)
 
         n = len(hidden)
-        self.down_blocks, self.down_downscalers, self.down_repeat_mappers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.down_blocks, self.down_downscalers, self.down_repeat_mappers = (
+            nn.ModuleList(),
+            nn.ModuleList(),
+            nn.ModuleList(),
+        )
         for i in range(n):
             self.down_downscalers.append(
                 nn.Sequential(
                     LayerNorm2d(hidden[i - 1]),
-                    UpDownBlock2d(hidden[i - 1], hidden[i], mode="down", enabled=cfg.switch_level[i - 1], **kw),
+                    UpDownBlock2d(
+                        hidden[i - 1], hidden[i], mode="down", enabled=cfg.switch_level[i - 1], **kw
+                    ),
                 )
                 if i > 0
                 else nn.Identity()
@@ -207,10 +233,16 @@ class StageC(nn.Module):
                 nn.ModuleList([block(t, i) for _ in range(cfg.blocks[0][i]) for t in cfg.level_config[i]])
             )
             self.down_repeat_mappers.append(
-                nn.ModuleList([nn.Conv2d(hidden[i], hidden[i], 1, **kw) for _ in range(cfg.block_repeat[0][i] - 1)])
+                nn.ModuleList(
+                    [nn.Conv2d(hidden[i], hidden[i], 1, **kw) for _ in range(cfg.block_repeat[0][i] - 1)]
+                )
             )
 
-        self.up_blocks, self.up_upscalers, self.up_repeat_mappers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.up_blocks, self.up_upscalers, self.up_repeat_mappers = (
+            nn.ModuleList(),
+            nn.ModuleList(),
+            nn.ModuleList(),
+        )
         for i in reversed(range(n)):  # up_blocks.0 is the deepest level
             self.up_upscalers.append(
                 nn.Sequential(
@@ -223,12 +255,17 @@ class StageC(nn.Module):
             level = nn.ModuleList()
             for j in range(cfg.blocks[1][::-1][i]):
                 for k, t in enumerate(cfg.level_config[i]):
-                    c_skip = hidden[i] if i < n - 1 and j == k == 0 else 0  # first ResBlock takes the long skip
+                    c_skip = (
+                        hidden[i] if i < n - 1 and j == k == 0 else 0
+                    )  # first ResBlock takes the long skip
                     level.append(block(t, i, c_skip))
             self.up_blocks.append(level)
             self.up_repeat_mappers.append(
                 nn.ModuleList(
-                    [nn.Conv2d(hidden[i], hidden[i], 1, **kw) for _ in range(cfg.block_repeat[1][::-1][i] - 1)]
+                    [
+                        nn.Conv2d(hidden[i], hidden[i], 1, **kw)
+                        for _ in range(cfg.block_repeat[1][::-1][i] - 1)
+                    ]
                 )
             )
 
@@ -287,7 +324,9 @@ class StageC(nn.Module):
         img = self.clip_img_mapper(clip_img).view(b, clip_img.shape[1] * seq, -1)
         return self.clip_norm(torch.cat([txt, pooled, img], dim=1))
 
-    def _run(self, blk: nn.Module, x: Tensor, r_embed: Tensor, clip: Tensor, skip: Tensor | None = None) -> Tensor:
+    def _run(
+        self, blk: nn.Module, x: Tensor, r_embed: Tensor, clip: Tensor, skip: Tensor | None = None
+    ) -> Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(apply_block, blk, x, r_embed, clip, skip, use_reentrant=False)
         return apply_block(blk, x, r_embed, clip, skip)
@@ -314,7 +353,9 @@ class StageC(nn.Module):
 
         x = self.embedding(x)  # [B, c_hidden[0], H, W]
         levels: list[Tensor] = []
-        for blocks, downscaler, repmap in zip(self.down_blocks, self.down_downscalers, self.down_repeat_mappers):
+        for blocks, downscaler, repmap in zip(
+            self.down_blocks, self.down_downscalers, self.down_repeat_mappers, strict=True
+        ):
             x = downscaler(x)
             for rep in range(len(repmap) + 1):
                 for blk in blocks:
@@ -324,12 +365,15 @@ class StageC(nn.Module):
             levels.insert(0, x)
 
         x = levels[0]
-        for u, (blocks, upscaler, repmap) in enumerate(zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers)):
+        up_path = zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers, strict=True)
+        for u, (blocks, upscaler, repmap) in enumerate(up_path):
             for rep in range(len(repmap) + 1):
                 for k, blk in enumerate(blocks):
                     skip = levels[u] if k == 0 and u > 0 and isinstance(blk, ResBlock) else None
                     if skip is not None and x.shape[-2:] != skip.shape[-2:]:
-                        x = nn.functional.interpolate(x.float(), skip.shape[-2:], mode="bilinear", align_corners=True)
+                        x = nn.functional.interpolate(
+                            x.float(), skip.shape[-2:], mode="bilinear", align_corners=True
+                        )
                         x = x.to(dtype)
                     x = self._run(blk, x, r_embed, clip, skip)
                 if rep < len(repmap):

@@ -33,6 +33,24 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from cascade_core.peft.native import (
+    Entry,
+    LoRAFormatError,
+    LoRAMismatchError,
+    Shapes,
+    assemble,
+    check_lora_fits,
+    is_fused,
+    join_native,
+    mismatch_error,
+    most_common,
+    native_keys,
+    natural_key,
+    rank_check,
+    split_native,
+    targets_from_checkpoint_shapes,
+)
+
 __all__ = [
     "LORA_FORMATS",
     "LoRAFormatError",
@@ -52,155 +70,7 @@ LORA_FORMATS = ("native", "kohya", "peft", "peft-folded", "official")
 KOHYA_PREFIXES = ("lora_unet_", "lora_prior_unet_")
 PEFT_PREFIXES = ("prior.", "diffusion_model.", "base_model.model.")
 _OFFICIAL_KEY = re.compile(r"^weights\.(\d+)\.lora_(down|up)$")
-_WIDTH_NAMES = {2048: "Stage C (3.6B, width 2048)", 1536: "Stage C lite (1B, width 1536)"}
 QKV = ("q", "k", "v")
-
-Entry = tuple[Tensor, Tensor, float]  # (lora_down, lora_up, alpha)
-Shapes = Mapping[str, Sequence[int]]
-
-
-class LoRAFormatError(ValueError):
-    """A LoRA file whose keys or metadata cannot be read as any supported format."""
-
-
-class LoRAMismatchError(ValueError):
-    """A LoRA whose targets or shapes do not fit the model (e.g. made for Stage C lite, loaded on full)."""
-
-
-def native_keys(target: str) -> tuple[str, str, str]:
-    return f"{target}.lora_down.weight", f"{target}.lora_up.weight", f"{target}.alpha"
-
-
-def _rank_check(name: str, down: Tensor, up: Tensor) -> None:
-    if down.dim() not in (2, 4) or up.dim() != down.dim() or down.shape[0] != up.shape[1]:
-        raise LoRAFormatError(
-            f"LoRA {name!r}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} are not "
-            "[rank, in] and [out, rank] factors of one rank"
-        )
-
-
-def split_native(state_dict: Mapping[str, Tensor]) -> dict[str, Entry]:
-    """Native tensors -> {target: (down, up, alpha)}; every target needs down, up and alpha."""
-    parts: dict[str, dict[str, Tensor]] = {}
-    for key, value in state_dict.items():
-        for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha"):
-            if key.endswith(suffix):
-                parts.setdefault(key[: -len(suffix)], {})[suffix] = value
-                break
-        else:
-            raise LoRAFormatError(
-                f"native LoRA key {key!r} does not end in .lora_down.weight, .lora_up.weight or .alpha"
-            )
-    entries: dict[str, Entry] = {}
-    for target, p in parts.items():
-        missing = [s for s in (".lora_down.weight", ".lora_up.weight", ".alpha") if s not in p]
-        if missing:
-            raise LoRAFormatError(f"native LoRA target {target!r} lacks {missing}")
-        down, up = p[".lora_down.weight"], p[".lora_up.weight"]
-        _rank_check(target, down, up)
-        entries[target] = (down, up, float(p[".alpha"]))
-    return entries
-
-
-def join_native(entries: Mapping[str, Entry]) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    for target, (down, up, alpha) in entries.items():
-        kd, ku, ka = native_keys(target)
-        out[kd], out[ku], out[ka] = down, up, torch.tensor(float(alpha), dtype=torch.float32)
-    return out
-
-
-def targets_from_checkpoint_shapes(shapes: Shapes) -> dict[str, tuple[int, ...]]:
-    """Original-layout Stage C key -> shape (e.g. a manifest) to LoRA target -> base weight shape."""
-    out: dict[str, tuple[int, ...]] = {}
-    for key, shape in shapes.items():
-        shape = tuple(int(s) for s in shape)
-        if key.endswith(".in_proj_weight") and len(shape) == 2:
-            out[key[: -len("_weight")]] = shape
-        elif key.endswith(".weight") and (len(shape) == 2 or (len(shape) == 4 and shape[2:] == (1, 1))):
-            out[key[: -len(".weight")]] = shape
-    return out
-
-
-def _width_name(width: int | None) -> str:
-    return _WIDTH_NAMES.get(width, f"a model of width {width}") if width else "an unknown model"
-
-
-def _common(values: list[int]) -> int | None:
-    return Counter(values).most_common(1)[0][0] if values else None
-
-
-def _lora_width(entries: Mapping[str, Entry]) -> int | None:
-    attn = [d.shape[1] for name, (d, _, _) in entries.items() if "attn" in name or "attention" in name]
-    return _common(attn) or _common([d.shape[1] for d, _, _ in entries.values()])
-
-
-def _model_width(shapes: Shapes) -> int | None:
-    attn = [int(s[1]) for name, s in shapes.items() if name.endswith(".in_proj")]
-    return _common(attn) or (int(shapes["clip_txt_mapper"][0]) if "clip_txt_mapper" in shapes else None)
-
-
-def _mismatch(what: str, lora_width: int | None, shapes: Shapes) -> LoRAMismatchError:
-    return LoRAMismatchError(
-        f"LoRA does not fit this model: it looks made for {_width_name(lora_width)} but the model is "
-        f"{_width_name(_model_width(shapes))}; {what}. Load it onto the base model it was trained for "
-        "(Stage C and Stage C lite LoRAs are not interchangeable)."
-    )
-
-
-def check_lora_fits(entries: Mapping[str, Entry], shapes: Shapes) -> None:
-    """Raise LoRAMismatchError naming the LoRA's and the model's flavour unless every target fits."""
-    missing = [t for t in entries if t not in shapes]
-    wrong = []
-    for target, (down, up, _) in entries.items():
-        if target in shapes:
-            base = tuple(int(s) for s in shapes[target])
-            if (up.shape[0], down.shape[1]) != base[:2]:
-                wrong.append(f"{target}: LoRA [{up.shape[0]}, {down.shape[1]}] vs model {list(base[:2])}")
-    if missing or wrong:
-        parts = []
-        if missing:
-            parts.append(
-                f"{len(missing)} of {len(entries)} targets are not in the model (e.g. {missing[:3]})"
-            )
-        if wrong:
-            parts.append(f"{len(wrong)} targets have other shapes (e.g. {wrong[:2]})")
-        raise _mismatch(" and ".join(parts), _lora_width(entries), shapes)
-
-
-def _natural(name: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def _is_fused(target: str) -> bool:
-    return target.endswith(".in_proj")
-
-
-def _fuse_qkv(target: str, parts: dict[int, Entry]) -> Entry:
-    """q/k/v LoRAs of one attention module -> one LoRA on the fused [3c, c] in-projection."""
-    downs = [parts[i][0] for i in sorted(parts)]
-    ups = [parts[i][1] for i in sorted(parts)]
-    alphas = [parts[i][2] for i in sorted(parts)]
-    if len(parts) == 3 and all(torch.equal(downs[0], d) for d in downs) and len(set(alphas)) == 1:
-        return downs[0], torch.cat(ups, dim=0), alphas[0]  # exact inverse of the split: rank r
-    c = ups[0].shape[0]
-    if any(u.shape[0] != c or d.shape[1:] != downs[0].shape[1:] for d, u in zip(downs, ups)):
-        raise LoRAFormatError(f"LoRA q/k/v parts of {target!r} have inconsistent shapes")
-    rank = sum(d.shape[0] for d in downs)
-    up = ups[0].new_zeros(3 * c, rank)  # block-diagonal: part i writes rows i*c:(i+1)*c from its own columns
-    col = 0
-    for i in sorted(parts):
-        d, u, a = parts[i]
-        up[i * c : (i + 1) * c, col : col + d.shape[0]] = u * (a / d.shape[0])
-        col += d.shape[0]
-    return torch.cat(downs, dim=0), up, float(rank)  # scale folded into up, alpha = rank -> scale 1
-
-
-def _assemble(found: dict[str, dict], fused_parts: dict[str, dict[int, Entry]]) -> dict[str, Entry]:
-    entries = dict(found)
-    for target, parts in fused_parts.items():
-        entries[target] = _fuse_qkv(target, parts)
-    return entries
 
 
 # ---- kohya / ComfyUI --------------------------------------------------------------------------
@@ -209,7 +79,7 @@ def _assemble(found: dict[str, dict], fused_parts: dict[str, dict[int, Entry]]) 
 def _split_names(target: str) -> list[str]:
     """Original-layout module names of a target (the fused in_proj becomes to_q, to_k, to_v)."""
     base = target[: -len(".in_proj")]
-    return [f"{base}.to_{p}" for p in QKV] if _is_fused(target) else [target]
+    return [f"{base}.to_{p}" for p in QKV] if is_fused(target) else [target]
 
 
 def _lookup(shapes: Shapes, rename) -> dict[str, tuple[str, int | None]]:
@@ -217,7 +87,7 @@ def _lookup(shapes: Shapes, rename) -> dict[str, tuple[str, int | None]]:
     for target in shapes:
         names = _split_names(target)
         for i, name in enumerate(names):
-            table[rename(name)] = (target, i if _is_fused(target) else None)
+            table[rename(name)] = (target, i if is_fused(target) else None)
     return table
 
 
@@ -229,14 +99,14 @@ def _collect(items: dict[str, dict[str, Tensor]], table, where: str) -> dict[str
         if "down" not in p or "up" not in p:
             raise LoRAFormatError(f"{where} LoRA module {module!r} lacks its down or up factor")
         down, up = p["down"], p["up"]
-        _rank_check(module, down, up)
+        rank_check(module, down, up)
         alpha = float(p["alpha"]) if "alpha" in p else float(down.shape[0])  # no alpha: scale 1
         target, part = table.get(module, (module, None))
         if part is None:
             found[target] = (down, up, alpha)
         else:
             fused.setdefault(target, {})[part] = (down, up, alpha)
-    return _assemble(found, fused)
+    return assemble(found, fused)
 
 
 def _from_kohya(sd: Mapping[str, Tensor], shapes: Shapes) -> dict[str, Entry]:
@@ -261,13 +131,13 @@ def _from_kohya(sd: Mapping[str, Tensor], shapes: Shapes) -> dict[str, Entry]:
 def _to_kohya(entries: Mapping[str, Entry]) -> tuple[dict[str, Tensor], dict[str, str]]:
     out: dict[str, Tensor] = {}
     for target, (down, up, alpha) in entries.items():
-        ups = up.chunk(3, dim=0) if _is_fused(target) else (up,)
-        for name, u in zip(_split_names(target), ups):
+        ups = up.chunk(3, dim=0) if is_fused(target) else (up,)
+        for name, u in zip(_split_names(target), ups, strict=True):
             key = "lora_unet_" + name.replace(".", "_")
             out[f"{key}.lora_down.weight"] = down.clone()
             out[f"{key}.lora_up.weight"] = u.clone()
             out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
-    rank = _common([d.shape[0] for d, _, _ in entries.values()])
+    rank = most_common([d.shape[0] for d, _, _ in entries.values()])
     alpha = Counter(a for _, _, a in entries.values()).most_common(1)[0][0]
     meta = {
         "ss_network_module": "networks.lora",
@@ -284,7 +154,7 @@ def _to_kohya(entries: Mapping[str, Entry]) -> tuple[dict[str, Tensor], dict[str
 
 def _diffusers_names(target: str) -> list[str]:
     """diffusers StableCascadeUNet module names: attn.in_proj -> to_q/k/v, attn.out_proj -> to_out.0."""
-    if _is_fused(target):
+    if is_fused(target):
         base = target[: -len(".in_proj")]
         base = base[: -len(".attn")] if base.endswith(".attn") else base
         return [f"{base}.to_{p}" for p in QKV]
@@ -321,7 +191,7 @@ def _from_peft(
     table = _lookup(shapes, lambda n: n)
     for target in shapes:
         for i, name in enumerate(_diffusers_names(target)):
-            table[name] = (target, i if _is_fused(target) else None)
+            table[name] = (target, i if is_fused(target) else None)
     items: dict[str, dict[str, Tensor]] = {}
     for key, value in sd.items():
         prefix = next((p for p in PEFT_PREFIXES if key.startswith(p)), "")
@@ -350,15 +220,15 @@ def _to_peft(entries: Mapping[str, Entry], fold: bool) -> tuple[dict[str, Tensor
     alphas: dict[str, float] = {}
     for target, (down, up, alpha) in entries.items():
         names = _diffusers_names(target)
-        ups = up.chunk(3, dim=0) if _is_fused(target) else (up,)
-        for name, u in zip(names, ups):
+        ups = up.chunk(3, dim=0) if is_fused(target) else (up,)
+        for name, u in zip(names, ups, strict=True):
             key = PEFT_PREFIXES[0] + name
             out[f"{key}.lora_A.weight"] = down.clone()
             out[f"{key}.lora_B.weight"] = u * (alpha / down.shape[0]) if fold else u.clone()
             ranks[name], alphas[name] = down.shape[0], alpha
     meta = {"format": "pt"}
     if not fold:
-        r = _common(list(ranks.values()))
+        r = most_common(list(ranks.values()))
         a = Counter(alphas.values()).most_common(1)[0][0]
         config = {
             "r": r,
@@ -381,7 +251,7 @@ def _to_peft(entries: Mapping[str, Entry], fold: bool) -> tuple[dict[str, Tensor
 
 def _attention_blocks(targets: Sequence[str]) -> list[str]:
     """Attention module paths in the official module order (down levels, then up levels, numerically)."""
-    return sorted((t[: -len(".in_proj")] for t in targets if _is_fused(t)), key=_natural)
+    return sorted((t[: -len(".in_proj")] for t in targets if is_fused(t)), key=natural_key)
 
 
 def official_embeddings(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -403,7 +273,7 @@ def _from_official(sd: Mapping[str, Tensor], shapes: Shapes) -> dict[str, Entry]
     blocks = _attention_blocks(list(shapes))
     if sorted(factors) != list(range(2 * len(blocks))):
         width = factors[1]["down"].shape[1] if 1 in factors and "down" in factors[1] else None
-        raise _mismatch(
+        raise mismatch_error(
             f"the official file holds {len(factors)} positional LoRAs but this model's attention "
             f"layout needs {2 * len(blocks)} ({len(blocks)} blocks x out_proj, in_proj)",
             width,
@@ -414,7 +284,7 @@ def _from_official(sd: Mapping[str, Tensor], shapes: Shapes) -> dict[str, Entry]
         if "down" not in p or "up" not in p:
             raise LoRAFormatError(f"official LoRA weights.{i} lacks lora_down or lora_up")
         target = f"{blocks[i // 2]}.{'in_proj' if i % 2 else 'out_proj'}"
-        _rank_check(target, p["down"], p["up"])
+        rank_check(target, p["down"], p["up"])
         entries[target] = (p["down"], p["up"], 1.0)  # official scale = 1 / rank
     return entries
 
@@ -428,7 +298,8 @@ def _to_official(
         extra, missing = sorted(set(entries) - expected), sorted(expected - set(entries))
         raise LoRAFormatError(
             "the official Stability layout holds exactly one LoRA on out_proj and one on in_proj of every "
-            f"attention block (targets preset 'attention'); not expressible: {extra[:3]}, missing: {missing[:3]}"
+            f"attention block (targets preset 'attention'); not expressible: {extra[:3]}, "
+            f"missing: {missing[:3]}"
         )
     out: dict[str, Tensor] = {}
     for k, block in enumerate(blocks):
@@ -487,7 +358,10 @@ def convert_to_native(
 def convert_from_native(
     native: Mapping[str, Tensor], fmt: str, shapes: Shapes | None = None
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Native tensors -> (tensors, header metadata) in `fmt`; `shapes` lets the official layout check coverage."""
+    """Native tensors -> (tensors, header metadata) in `fmt`.
+
+    `shapes` (the model's targets) lets the official layout check that every attention block is covered.
+    """
     entries = split_native(native)
     if fmt == "native":
         return join_native(entries), {}

@@ -14,8 +14,9 @@ Where quantized weights live:
 
 Loading without a full-precision copy on the GPU: build the model on `meta`, call
 `quantize_model_(model)` (works on meta), then for each checkpoint tensor whose key is in
-`int8_weight_keys(model)` call `assign_int8_weight_(model, key, tensor, device)`; it quantizes the
-one tensor where it lies (CPU) and moves only int8 values and scales to `device`.
+`int8_weight_keys(model)` call `assign_int8_weight_(model, key, tensor, device)` (or
+`assign_int8_weights_(model, state, device)` for a whole lazy state dict); it quantizes one tensor
+where it lies (CPU) and moves only int8 values and scales to `device`. Load the other keys as usual.
 
 Backends `int8-torchao` and `int8-bnb` quantize the nn.Linear layers with those libraries (CUDA
 only, imported lazily); the fused in-projection always uses the pure-PyTorch parametrization.
@@ -24,7 +25,7 @@ only, imported lazily); the fused in-projection always uses the pure-PyTorch par
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,7 @@ __all__ = [
     "quantize_model_",
     "int8_weight_keys",
     "assign_int8_weight_",
+    "assign_int8_weights_",
 ]
 
 INT8_BACKENDS = ("int8", "int8-torchao", "int8-bnb")
@@ -297,3 +299,21 @@ def assign_int8_weight_(
         plist.original1 = nn.Parameter(scale.to(device), requires_grad=False)
         return
     raise ValueError(f"{key!r} is not an int8-quantized weight of this model; see int8_weight_keys(model)")
+
+
+def assign_int8_weights_(
+    model: nn.Module, state: Mapping[str, Tensor], device: torch.device | str | None = None
+) -> set[str]:
+    """Fill every int8 slot of `model` from a (lazy) state dict, one tensor at a time; returns the keys used.
+
+    The caller loads the remaining keys (e.g. `checkpoint_io.materialize_module(..., strict=False)`).
+    """
+    keys = int8_weight_keys(model)
+    missing = sorted(k for k in keys if k not in state)
+    if missing:
+        raise ValueError(
+            f"the checkpoint lacks weights of quantized layers: {missing[:5]} ({len(missing)} in all)"
+        )
+    for key in sorted(keys):
+        assign_int8_weight_(model, key, state[key], device)
+    return keys

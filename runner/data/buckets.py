@@ -97,7 +97,8 @@ def parse_buckets(spec: list[str] | list[list[int]] | None, resolution: int) -> 
             raise ValueError(
                 f"bucket {item!r} is not 'HxW' or [h, w] in Stage C latent cells (e.g. '24x24' for 1024 px)"
             ) from None
-        cells_to_pixels(h), cells_to_pixels(w)
+        if h < 1 or w < 1:
+            raise ValueError(f"bucket {item!r} must be at least 1x1 latent cells")
         if Bucket(h, w) in out:
             raise ValueError(f"bucket {h}x{w} is listed twice; remove the duplicate")
         out.append(Bucket(h, w))

@@ -293,7 +293,11 @@ class StageCLoader:
         """Yield the rest of the current epoch; the cursor advances as each batch is handed out."""
         remaining = self.rank_batches()[self.cursor :]
         ds = _RankBatches(self.index, self.cfg, self.epoch, remaining, self.latent_cache)
-        loader = DataLoader(ds, batch_size=None, num_workers=self.cfg.workers, collate_fn=_identity)
+        # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run
+        # (which creates one mid-epoch) would diverge from an uninterrupted one.
+        generator = torch.Generator().manual_seed(self.cfg.seed + self.epoch)
+        loader = DataLoader(ds, batch_size=None, num_workers=self.cfg.workers, collate_fn=_identity,
+                            generator=generator)
         for batch in loader:
             self.cursor += 1
             yield batch

@@ -1,4 +1,5 @@
 """Shared blocks against their definitions in FACTS_official.md section 3.4 (written out in torch here)."""
+
 from __future__ import annotations
 
 import math
@@ -81,15 +82,22 @@ def test_attention_adapters_add_to_fused_projection():
     attn.in_proj_adapters["delta"] = torch.nn.Linear(8, 24, bias=False)
     assert torch.allclose(attn.project_in(tokens), base + attn.in_proj_adapters["delta"](tokens))
     assert set(MultiheadAttention(8, 2).state_dict()) == {
-        "in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"
+        "in_proj_weight",
+        "in_proj_bias",
+        "out_proj.weight",
+        "out_proj.bias",
     }
 
 
 def test_attnblock_key_names():
     keys = set(AttnBlock(16, 12, 2).state_dict())
     assert keys == {
-        "attention.attn.in_proj_weight", "attention.attn.in_proj_bias", "attention.attn.out_proj.weight",
-        "attention.attn.out_proj.bias", "kv_mapper.1.weight", "kv_mapper.1.bias",
+        "attention.attn.in_proj_weight",
+        "attention.attn.in_proj_bias",
+        "attention.attn.out_proj.weight",
+        "attention.attn.out_proj.bias",
+        "kv_mapper.1.weight",
+        "kv_mapper.1.bias",
     }
 
 

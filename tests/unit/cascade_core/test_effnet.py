@@ -1,4 +1,5 @@
 """EfficientNet latent encoder: golden parity (real config), checkpoint key layout, eval-only behaviour."""
+
 from __future__ import annotations
 
 import json
@@ -7,13 +8,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cascade_core.models.effnet import EfficientNetEncoder, imagenet_normalize
+from cascade_core.models.effnet import EfficientNetEncoder, encode_stage_c_latents, imagenet_normalize
+from cascade_core.models.latent_size import encoder_pixel_size, stage_c_latent_size
 
 
 def _weights(golden: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # fp16-stored weights; the reference output was computed from them cast back to float32
-    return {k[len("model."):]: v.float() if v.is_floating_point() else v
-            for k, v in golden.items() if k.startswith("model.")}
+    return {
+        k[len("model.") :]: v.float() if v.is_floating_point() else v
+        for k, v in golden.items()
+        if k.startswith("model.")
+    }
 
 
 def test_golden_latent(golden_dir):
@@ -56,3 +61,17 @@ def test_rejects_wrong_input_shape():
         model(torch.zeros(1, 4, 64, 64, device="meta"))
     with pytest.raises(ValueError, match=r"\[B,3,H,W\]"):
         imagenet_normalize(torch.zeros(3, 8, 8))
+
+
+@pytest.mark.parametrize("height,width", [(128, 128), (100, 150)])
+def test_encode_stage_c_latents_resizes_to_the_latent_convention(height, width):
+    encoder = EfficientNetEncoder()
+    images = torch.rand(1, 3, height, width)
+    with torch.no_grad():
+        latent = encode_stage_c_latents(encoder, images)
+        assert tuple(latent.shape) == (1, 16, *stage_c_latent_size(height, width))
+        # the same as resizing by hand to encoder_pixel_size, normalising and encoding
+        resized = torch.nn.functional.interpolate(
+            images, size=encoder_pixel_size(height, width), mode="bilinear", antialias=True
+        )
+        torch.testing.assert_close(latent, encoder(imagenet_normalize(resized)), rtol=0, atol=0)

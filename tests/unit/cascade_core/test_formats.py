@@ -1,4 +1,5 @@
 """Key layouts: original <-> diffusers for the prior and the decoder, against the real manifests."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,12 @@ from safetensors.torch import load_file
 
 from cascade_core import formats as F
 
-PAIRS = [("stage_c", "prior", 16), ("stage_c_lite", "prior_lite", 16), ("stage_b", "decoder", 4),
-         ("stage_b_lite", "decoder_lite", 4)]
+PAIRS = [
+    ("stage_c", "prior", 16),
+    ("stage_c_lite", "prior_lite", 16),
+    ("stage_b", "decoder", 4),
+    ("stage_b_lite", "decoder_lite", 4),
+]
 
 
 def _manifests(manifest_dir, original, diffusers):
@@ -18,7 +23,12 @@ def _manifests(manifest_dir, original, diffusers):
     diff = json.loads((manifest_dir / "diffusers" / f"{diffusers}.json").read_text())
     config = json.loads((manifest_dir / "diffusers" / f"{diffusers}.config.json").read_text())
     config.pop("_note", None)
-    return orig, {k: tuple(v) for k, v in orig["keys"].items()}, {k: tuple(v) for k, v in diff.items()}, config
+    return (
+        orig,
+        {k: tuple(v) for k, v in orig["keys"].items()},
+        {k: tuple(v) for k, v in diff.items()},
+        config,
+    )
 
 
 @pytest.mark.parametrize("original,diffusers,c_in", PAIRS)

@@ -15,6 +15,7 @@ from cascade_core.peft.lora import LoRAInt8Linear, inject_lora, lora_parameters,
 from cascade_core.quant.int8 import (
     Int8Linear,
     assign_int8_weight_,
+    assign_int8_weights_,
     dequantize_weight,
     int8_weight_keys,
     quantize_model_,
@@ -124,6 +125,31 @@ def test_meta_build_then_tensor_by_tensor_load(batch):
     assert torch.equal(model(*batch), expected(*batch))
     with pytest.raises(ValueError, match="not an int8-quantized weight"):
         assign_int8_weight_(model, "clf.1.weight", torch.zeros(4, 16, 1, 1))
+
+
+def test_stage_c_quantized_while_loading(golden_dir):
+    """The real tiny Stage C, built on meta and filled from the golden file without a float copy of the
+    quantized layers, equals the float model quantized after loading."""
+    from safetensors.torch import load_file
+
+    from cascade_core.checkpoint_io import materialize_module
+    from cascade_core.models.stage_c import StageC, StageCConfig
+
+    tensors = load_file(str(golden_dir / "stage_c_tiny.safetensors"))
+    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    args = [tensors[f"input.{n}"] for n in ("x", "r", "clip_text", "clip_text_pooled", "clip_img")]
+    reference = StageC(StageCConfig.preset("tiny")).eval()
+    reference.load_state_dict(state)
+    quantize_model_(reference)
+    model = StageC(StageCConfig.preset("tiny"), device="meta").eval()
+    keys = quantize_model_(model)
+    used = assign_int8_weights_(model, state, device="cpu")
+    assert used == set(keys) and len([k for k in keys if k.endswith(".in_proj_weight")]) == 6
+    materialize_module(model, {k: v for k, v in state.items() if k not in used}, device="cpu", strict=False)
+    with torch.no_grad():
+        assert torch.equal(model(*args), reference(*args))
+    with pytest.raises(ValueError, match="lacks weights of quantized layers"):
+        assign_int8_weights_(model, {})
 
 
 def test_lora_trains_on_int8_base(batch):

@@ -1,4 +1,5 @@
 """Image <-> latent size convention: official examples, agreement with the real encoder, inverse."""
+
 from __future__ import annotations
 
 import math
@@ -56,8 +57,10 @@ def test_pixel_size_for_latent_is_the_largest_multiple_of_4_inverse():
         assert stage_c_latent_size(pixels + 4, 1)[0] == cells + 1
 
 
-@pytest.mark.parametrize("fn", [stage_c_latent_size, encoder_pixel_size, effnet_output_size,
-                                stage_b_latent_size, pixel_size_for_latent])
+@pytest.mark.parametrize(
+    "fn",
+    [stage_c_latent_size, encoder_pixel_size, effnet_output_size, stage_b_latent_size, pixel_size_for_latent],
+)
 @pytest.mark.parametrize("bad", [0, -8, 10.5, True])
 def test_rejects_non_positive_or_non_integer(fn, bad):
     with pytest.raises(ValueError, match="positive integer"):

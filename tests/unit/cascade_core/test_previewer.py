@@ -1,4 +1,5 @@
 """Previewer: golden parity (real config) and checkpoint key layout."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,11 @@ from cascade_core.models.previewer import Previewer
 
 def test_golden_image(golden_dir):
     golden = load_file(golden_dir / "previewer.safetensors")
-    weights = {k[len("model."):]: v.float() if v.is_floating_point() else v
-               for k, v in golden.items() if k.startswith("model.")}
+    weights = {
+        k[len("model.") :]: v.float() if v.is_floating_point() else v
+        for k, v in golden.items()
+        if k.startswith("model.")
+    }
     model = Previewer(c_in=16, c_hidden=512, c_out=3).eval()
     model.load_state_dict(weights, strict=True)
     with torch.no_grad():

@@ -1,4 +1,5 @@
 """Stage A (VQGAN): every golden output of the tiny config, the real key layout, VQ gradients."""
+
 from __future__ import annotations
 
 import json
@@ -18,16 +19,26 @@ def golden(golden_dir):
 
 @pytest.fixture(scope="module")
 def tiny(golden):
-    model = StageA(levels=2, bottleneck_blocks=2, c_hidden=32, c_latent=4, codebook_size=64, scale_factor=0.43)
-    model.load_state_dict({k[len("model."):]: v for k, v in golden.items() if k.startswith("model.")}, strict=True)
+    model = StageA(
+        levels=2, bottleneck_blocks=2, c_hidden=32, c_latent=4, codebook_size=64, scale_factor=0.43
+    )
+    model.load_state_dict(
+        {k[len("model.") :]: v for k, v in golden.items() if k.startswith("model.")}, strict=True
+    )
     return model.eval()
 
 
 def test_golden_config_is_the_one_built(golden_dir):
     with safe_open(golden_dir / "stage_a_tiny.safetensors", "pt") as f:
         config = json.loads(f.metadata()["config"])
-    assert config == {"levels": 2, "bottleneck_blocks": 2, "c_hidden": 32, "c_latent": 4,
-                      "codebook_size": 64, "scale_factor": 0.43}
+    assert config == {
+        "levels": 2,
+        "bottleneck_blocks": 2,
+        "c_hidden": 32,
+        "c_latent": 4,
+        "codebook_size": 64,
+        "scale_factor": 0.43,
+    }
 
 
 def test_golden_encode_decode(golden, tiny):

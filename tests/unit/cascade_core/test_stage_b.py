@@ -1,4 +1,5 @@
 """Stage B decoder: golden parity (tiny config, both cases), real presets vs manifests, input errors."""
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,9 @@ def golden(golden_dir):
 @pytest.fixture(scope="module")
 def tiny(golden):
     model = StageB(StageBConfig.preset("tiny"))
-    model.load_state_dict({k[len("model."):]: v for k, v in golden.items() if k.startswith("model.")}, strict=True)
+    model.load_state_dict(
+        {k[len("model.") :]: v for k, v in golden.items() if k.startswith("model.")}, strict=True
+    )
     return model.eval()
 
 
@@ -37,15 +40,23 @@ def test_golden_case_a_defaults(golden, tiny):
     with torch.no_grad():
         out = tiny(g["input.a_x"], g["input.a_r"], effnet=g["input.a_effnet"], clip=g["input.a_clip"])
         torch.testing.assert_close(tiny.embed_r(g["input.a_r"]), g["intermediate.a_r_embed"], **CLOSE)
-        torch.testing.assert_close(tiny.embed_clip(g["input.a_clip"]), g["intermediate.a_clip_tokens"], **CLOSE)
+        torch.testing.assert_close(
+            tiny.embed_clip(g["input.a_clip"]), g["intermediate.a_clip_tokens"], **CLOSE
+        )
     torch.testing.assert_close(out, g["output.a_out"], **CLOSE)
 
 
 def test_golden_case_b_odd_level_pixels_and_sca(golden, tiny):
     g = golden
     with torch.no_grad():
-        out = tiny(g["input.b_x"], g["input.b_r"], effnet=g["input.b_effnet"], clip=g["input.b_clip"],
-                   pixels=g["input.b_pixels"], sca=g["input.b_sca"])
+        out = tiny(
+            g["input.b_x"],
+            g["input.b_r"],
+            effnet=g["input.b_effnet"],
+            clip=g["input.b_clip"],
+            pixels=g["input.b_pixels"],
+            sca=g["input.b_sca"],
+        )
         r_embed = tiny.embed_r(g["input.b_r"], sca=g["input.b_sca"])
     torch.testing.assert_close(r_embed, g["intermediate.b_r_embed"], **CLOSE)
     torch.testing.assert_close(out, g["output.b_out"], **CLOSE)
@@ -67,8 +78,14 @@ def test_bfloat16_forward_keeps_dtype(golden, tiny):
     model = StageB(StageBConfig.preset("tiny"), dtype=torch.bfloat16)
     model.load_state_dict(tiny.state_dict())
     with torch.no_grad():
-        out = model.eval()(g["input.b_x"].bfloat16(), g["input.b_r"], effnet=g["input.b_effnet"],
-                           clip=g["input.b_clip"], pixels=g["input.b_pixels"], sca=g["input.b_sca"])
+        out = model.eval()(
+            g["input.b_x"].bfloat16(),
+            g["input.b_r"],
+            effnet=g["input.b_effnet"],
+            clip=g["input.b_clip"],
+            pixels=g["input.b_pixels"],
+            sca=g["input.b_sca"],
+        )
     assert out.dtype == torch.bfloat16
     # bf16 rounds every op to 8 mantissa bits (observed max error 0.04 on outputs of std 1.15); a
     # missing or misrouted block changes outputs by O(1), which this bound still catches.
@@ -83,7 +100,11 @@ def test_config_and_input_errors():
     with pytest.raises(ValueError, match="nhead"):
         StageBConfig.preset("tiny", nhead=(-1, -1, 3, 4))
     model = StageB(StageBConfig.preset("tiny"), device="meta")
-    x, r, clip = torch.zeros(1, 4, 16, 16, device="meta"), torch.zeros(1, device="meta"), torch.zeros(1, 1, 24)
+    x, r, clip = (
+        torch.zeros(1, 4, 16, 16, device="meta"),
+        torch.zeros(1, device="meta"),
+        torch.zeros(1, 1, 24),
+    )
     with pytest.raises(ValueError, match="effnet"):
         model(x, r, effnet=torch.zeros(1, 8, 3, 3, device="meta"), clip=clip)
     with pytest.raises(ValueError, match="patch_size"):

@@ -1,4 +1,5 @@
 """Stage C against the official outputs (golden/stage_c_tiny) and the real key manifests."""
+
 from __future__ import annotations
 
 import json
@@ -49,21 +50,29 @@ def test_golden_outputs(golden, tiny_model):
 def test_golden_intermediates(golden, tiny_model):
     g = golden
     with torch.no_grad():
-        torch.testing.assert_close(tiny_model.embed_r(g["input.r"]), g["intermediate.r_embed"], atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            tiny_model.embed_r(g["input.r"]), g["intermediate.r_embed"], atol=ATOL, rtol=0
+        )
         torch.testing.assert_close(
             tiny_model.embed_r(g["input.r"], sca=g["input.sca"], crp=g["input.crp"]),
-            g["intermediate.r_embed_sca_crp"], atol=ATOL, rtol=0,
+            g["intermediate.r_embed_sca_crp"],
+            atol=ATOL,
+            rtol=0,
         )
         clip = tiny_model.embed_clip(g["input.clip_text"], g["input.clip_text_pooled"], g["input.clip_img"])
         torch.testing.assert_close(clip, g["intermediate.clip_tokens"], atol=ATOL, rtol=0)
-        torch.testing.assert_close(tiny_model.embedding(g["input.x"]), g["intermediate.embedding"], atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            tiny_model.embedding(g["input.x"]), g["intermediate.embedding"], atol=ATOL, rtol=0
+        )
 
 
 def test_2d_pooled_and_image_embeddings_are_accepted(golden, tiny_model):
     g = golden
     with torch.no_grad():
         a = tiny_model.embed_clip(g["input.clip_text"], g["input.clip_text_pooled"], g["input.clip_img"])
-        b = tiny_model.embed_clip(g["input.clip_text"], g["input.clip_text_pooled"][:, 0], g["input.clip_img"][:, 0])
+        b = tiny_model.embed_clip(
+            g["input.clip_text"], g["input.clip_text_pooled"][:, 0], g["input.clip_img"][:, 0]
+        )
     assert torch.equal(a, b)
 
 
@@ -95,7 +104,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(golden):
 
 
 def test_config_flag_enables_checkpointing():
-    assert StageC(StageCConfig.preset("tiny", gradient_checkpointing=True), device="meta").gradient_checkpointing
+    assert StageC(
+        StageCConfig.preset("tiny", gradient_checkpointing=True), device="meta"
+    ).gradient_checkpointing
 
 
 def test_bf16_model_runs_with_fp32_conditioning(golden):
@@ -129,10 +140,51 @@ def test_presets_are_recovered_from_shapes(manifest_dir):
 
 
 def test_custom_variant_is_inferred_with_heads_from_width():
-    variant = StageCConfig(c_cond=128, c_hidden=(128, 192), nhead=(2, 3), blocks=((1, 3), (2, 1)),
-                           block_repeat=((1, 2), (1, 1)), c_clip_text=32, c_clip_text_pooled=32, c_clip_img=16)
+    variant = StageCConfig(
+        c_cond=128,
+        c_hidden=(128, 192),
+        nhead=(2, 3),
+        blocks=((1, 3), (2, 1)),
+        block_repeat=((1, 2), (1, 1)),
+        c_clip_text=32,
+        c_clip_text_pooled=32,
+        c_clip_img=16,
+    )
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in StageC(variant).state_dict().items()}
     cfg, flavour = stage_c_config_from_shapes(shapes)
     assert flavour == "custom"
     assert cfg == StageCConfig.preset("stage-c", **{**variant.__dict__, "nhead": (2, 3)})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("preset", ["stage-c-lite", "stage-c"])
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+def test_real_preset_forward_backward_on_gpu(preset, layout):
+    """Full-size weights synthesized on the GPU in each key layout, loaded, then one bf16 training step."""
+    from cascade_core.checkpoint_io import stage_c_state_dict
+
+    with torch.device("meta"):
+        shapes = stage_c_state_dict(StageC(StageCConfig.preset(preset)), layout)
+    gen = torch.Generator("cuda").manual_seed(0)
+    state = {
+        k: torch.randn(shapes[k].shape, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+        for k in shapes
+    }
+    model = load_stage_c(state, device="cuda", dtype=torch.bfloat16).train()
+    del state
+    assert model.config == StageCConfig.preset(preset)
+    model.set_gradient_checkpointing(True)
+    b = 4
+    x = torch.randn(b, 16, 24, 24, device="cuda", dtype=torch.bfloat16)
+    out = model(
+        x,
+        torch.rand(b, device="cuda"),
+        torch.randn(b, 77, 1280, device="cuda"),
+        torch.randn(b, 1, 1280, device="cuda"),
+        torch.zeros(b, 1, 768, device="cuda"),
+    )
+    out.float().square().mean().backward()
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -1,4 +1,4 @@
-"""Checkpoints: exact resume (bit for bit on CPU), atomicity under a crash, pruning, resume resolution, guard."""
+"""Checkpoints: exact resume (bit for bit on CPU), atomic under a crash, pruning, resume resolution, guard."""
 from __future__ import annotations
 
 import json

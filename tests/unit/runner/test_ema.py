@@ -1,4 +1,4 @@
-"""EMA: values derived by hand (decay 3/4 keeps every number a short binary fraction, so equality is exact)."""
+"""EMA: values derived by hand (decay 3/4 keeps every number a short binary fraction: equality is exact)."""
 from __future__ import annotations
 
 import pytest
@@ -82,7 +82,8 @@ def test_state_dict_round_trip_and_mismatch():
     assert torch.equal(other.shadow["0.weight"], torch.full((2, 2), 0.25)) and other.num_updates == 1
     assert other.shadow["0.weight"] is not ema.shadow["0.weight"]
     wrong = EMA(nn.Linear(3, 2), decay=0.75)
-    with pytest.raises(UserError, match="missing \\['bias', 'weight'\\], unexpected \\['0.bias', '0.weight'\\]"):
+    expected = "missing \\['bias', 'weight'\\], unexpected \\['0.bias', '0.weight'\\]"
+    with pytest.raises(UserError, match=expected):
         wrong.load_state_dict(ema.state_dict())
 
 

@@ -84,7 +84,8 @@ def test_build_optimizer_adamw_and_errors(monkeypatch):
     opt = build_optimizer("adamw", [p], **ADAM)
     assert isinstance(opt, torch.optim.AdamW)
     group = opt.param_groups[0]
-    assert (group["lr"], group["weight_decay"], group["betas"], group["eps"]) == (1e-3, 0.01, (0.9, 0.999), 1e-8)
+    hyper = (group["lr"], group["weight_decay"], group["betas"], group["eps"])
+    assert hyper == (1e-3, 0.01, (0.9, 0.999), 1e-8)
     assert isinstance(build_optimizer("adamw_bf16", [p], **ADAM), AdamWBF16)
     with pytest.raises(UserError, match="unknown optimizer 'adam'.*adamw, adamw_bf16, adamw8bit, adafactor"):
         build_optimizer("adam", [p], **ADAM)

@@ -1,4 +1,5 @@
 """Recipe loading: YAML scalars, overrides, schema report, defaults, cross-field rules, path checks."""
+
 from __future__ import annotations
 
 import re
@@ -59,8 +60,13 @@ def test_every_recipe_validates_and_opens_with_its_command(recipe: Path) -> None
 
 def test_all_five_recipes_exist() -> None:
     names = {p.name for p in RECIPES}
-    assert {"stage_c_lora.yaml", "stage_c_lite_lora.yaml", "stage_c_full.yaml", "stage_c_lora_int8.yaml",
-            "quickstart.yaml"} <= names
+    assert {
+        "stage_c_lora.yaml",
+        "stage_c_lite_lora.yaml",
+        "stage_c_full.yaml",
+        "stage_c_lora_int8.yaml",
+        "quickstart.yaml",
+    } <= names
 
 
 def test_canonical_lora_recipe_values() -> None:
@@ -68,7 +74,12 @@ def test_canonical_lora_recipe_values() -> None:
     t, v = s.training, s.validation
     assert (s.model.flavour, t.mode, t.lora.rank, t.lora.alpha) == ("stage-c", "lora", 16, 16.0)
     assert (t.learning_rate, t.scheduler.name, t.gradient_checkpointing, t.ema.enabled, t.seed) == (
-        1e-4, "cosine", True, True, 42)
+        1e-4,
+        "cosine",
+        True,
+        True,
+        42,
+    )
     assert (v.width, v.height, v.prior_steps, v.prior_guidance) == (1024, 1024, 20, 3.5)
     assert (s.model.decoder.flavour, v.decoder_guidance, v.decoder_steps) == ("decoder_lite", 0.0, 10)
     assert s.model.prior.path == "stabilityai/stable-cascade-prior" and s.model.prior.subfolder == "prior"
@@ -79,7 +90,7 @@ def _expectations(path: Path) -> list[tuple[str, str, str]]:
     out = []
     for line in path.read_text().splitlines():
         if line.startswith("# expect:"):
-            yaml_path, where, message = (part.strip() for part in line[len("# expect:"):].split(" | ", 2))
+            yaml_path, where, message = (part.strip() for part in line[len("# expect:") :].split(" | ", 2))
             out.append((yaml_path, where, message))
     return out
 
@@ -93,7 +104,11 @@ def test_bad_recipe_fails_with_its_messages_and_locations(bad: Path) -> None:
     assert len(found) == len(expected), found
     for yaml_path, where, message in expected:
         assert any(p == yaml_path and loc == f"{bad}:{where}" and message in m for p, loc, m in found), (
-            yaml_path, where, message, found)
+            yaml_path,
+            where,
+            message,
+            found,
+        )
 
 
 def test_yaml_scalars_follow_yaml_1_2() -> None:
@@ -117,8 +132,10 @@ def test_mixed_precision_no_is_a_string_and_1e_4_a_float(tmp_path: Path) -> None
 def test_defaults_filled_from_schema(tmp_path: Path) -> None:
     loaded = read_recipe(write(tmp_path, MINIMAL))
     schema = load_schema()["properties"]
-    assert loaded.resolved["training"]["lora"]["rank"] == schema["training"]["properties"]["lora"]["properties"][
-        "rank"]["default"]
+    assert (
+        loaded.resolved["training"]["lora"]["rank"]
+        == schema["training"]["properties"]["lora"]["properties"]["rank"]["default"]
+    )
     assert loaded.spec.data.sources[1].repeats == 0
     assert loaded.spec.training.optimizer.betas == (0.9, 0.999)
     assert loaded.spec.model.decoder is None
@@ -127,8 +144,15 @@ def test_defaults_filled_from_schema(tmp_path: Path) -> None:
 
 def test_overrides_with_list_index_and_yaml_values(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL)
-    spec = read_recipe(path, ["data.sources.1.repeats=3", "training.learning_rate=5e-5",
-                              "validation.prompts=[a dog, a fox]", "training.ema.enabled=true"]).spec
+    spec = read_recipe(
+        path,
+        [
+            "data.sources.1.repeats=3",
+            "training.learning_rate=5e-5",
+            "validation.prompts=[a dog, a fox]",
+            "training.ema.enabled=true",
+        ],
+    ).spec
     assert spec.data.sources[1].repeats == 3 and spec.data.sources[0].repeats == 0
     assert spec.training.learning_rate == 5e-5
     assert spec.validation.prompts == ("a dog", "a fox")
@@ -137,17 +161,23 @@ def test_overrides_with_list_index_and_yaml_values(tmp_path: Path) -> None:
 
 def test_override_problems_point_at_the_command_line(tmp_path: Path) -> None:
     found = problems(write(tmp_path, MINIMAL), ("training.lora.rank=-1", "training.lerning_rate=1"))
-    assert ("training.lora.rank", "command line `training.lora.rank=-1`",
-            "expected a value >= 1, got an integer -1") in found
+    assert (
+        "training.lora.rank",
+        "command line `training.lora.rank=-1`",
+        "expected a value >= 1, got an integer -1",
+    ) in found
     assert any(p == "training.lerning_rate" and "did you mean 'learning_rate'" in m for p, _, m in found)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.sources.5.repeats=1", "list of 2 item(s); use an index from 0 to 1"),
-    ("training.max_steps.x=1", "is a int, not a section"),
-    ("novalue", "is not KEY=VALUE"),
-    ("a..b=1", "empty part"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.sources.5.repeats=1", "list of 2 item(s); use an index from 0 to 1"),
+        ("training.max_steps.x=1", "is a int, not a section"),
+        ("novalue", "is not KEY=VALUE"),
+        ("a..b=1", "empty part"),
+    ],
+)
 def test_bad_override_is_a_user_error(tmp_path: Path, override: str, message: str) -> None:
     with pytest.raises(UserError, match=re.escape(message)):
         read_recipe(write(tmp_path, MINIMAL), [override])
@@ -170,22 +200,45 @@ def test_missing_required_key_and_bad_yaml(tmp_path: Path) -> None:
         read_recipe(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("override, yaml_path, message", [
-    ("training.precision.mixed_precision=fp16", "training.precision.mixed_precision", "Stage C overflows in fp16"),
-    ("training.num_epochs=2", "training.max_steps", "exactly one of training.max_steps and training.num_epochs"),
-    ("training.lora.targets=custom", "training.lora.target_patterns", "needs at least one pattern"),
-    ("training.lora.target_patterns=['(']", "training.lora.target_patterns", "only used with targets: custom"),
-    ("validation.use_decoder=true", "validation.use_decoder", "needs a decoder source"),
-    ("validation.prompts=[]", "validation.prompts", "has no prompts"),
-    ("hub.push=true", "hub.model_id", "needs hub.model_id"),
-    ("data.sources.1.name=a", "data.sources[1].name", "used twice"),
-    ("data.sources.0.caption_strategy=instanceprompt", "data.sources[0].instance_prompt", "needs instance_prompt"),
-    ("data.sources.0.maximum_image_size=2048", "data.sources[0].target_downsample_size", "set both or neither"),
-    ("model.flavour=stage-c-lite", "model.prior.subfolder", "holds the stage-c weights"),
-    ("model.prior.revision=main", None, None),
-    ("training.precision.bf16_mode=autocast", "training.precision.bf16_mode", "has no effect"),
-    ("device=cpu", None, None),
-])
+@pytest.mark.parametrize(
+    "override, yaml_path, message",
+    [
+        (
+            "training.precision.mixed_precision=fp16",
+            "training.precision.mixed_precision",
+            "Stage C overflows in fp16",
+        ),
+        (
+            "training.num_epochs=2",
+            "training.max_steps",
+            "exactly one of training.max_steps and training.num_epochs",
+        ),
+        ("training.lora.targets=custom", "training.lora.target_patterns", "needs at least one pattern"),
+        (
+            "training.lora.target_patterns=['(']",
+            "training.lora.target_patterns",
+            "only used with targets: custom",
+        ),
+        ("validation.use_decoder=true", "validation.use_decoder", "needs a decoder source"),
+        ("validation.prompts=[]", "validation.prompts", "has no prompts"),
+        ("hub.push=true", "hub.model_id", "needs hub.model_id"),
+        ("data.sources.1.name=a", "data.sources[1].name", "used twice"),
+        (
+            "data.sources.0.caption_strategy=instanceprompt",
+            "data.sources[0].instance_prompt",
+            "needs instance_prompt",
+        ),
+        (
+            "data.sources.0.maximum_image_size=2048",
+            "data.sources[0].target_downsample_size",
+            "set both or neither",
+        ),
+        ("model.flavour=stage-c-lite", "model.prior.subfolder", "holds the stage-c weights"),
+        ("model.prior.revision=main", None, None),
+        ("training.precision.bf16_mode=autocast", "training.precision.bf16_mode", "has no effect"),
+        ("device=cpu", None, None),
+    ],
+)
 def test_cross_field_rules(tmp_path: Path, override: str, yaml_path: str | None, message: str | None) -> None:
     path = write(tmp_path, MINIMAL)
     if yaml_path is None:
@@ -197,11 +250,23 @@ def test_cross_field_rules(tmp_path: Path, override: str, yaml_path: str | None,
 
 def test_cpu_only_and_local_revision_rules(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL)
-    found = problems(path, ("device=cpu", "training.precision.base_weights=int8-bnb",
-                            "training.optimizer.name=adamw8bit", "distributed.backend=nccl",
-                            "model.effnet.path=./local", "model.effnet.revision=v1"))
-    assert {p for p, _, _ in found} == {"training.precision.base_weights", "training.optimizer.name",
-                                        "distributed.backend", "model.effnet.revision"}
+    found = problems(
+        path,
+        (
+            "device=cpu",
+            "training.precision.base_weights=int8-bnb",
+            "training.optimizer.name=adamw8bit",
+            "distributed.backend=nccl",
+            "model.effnet.path=./local",
+            "model.effnet.revision=v1",
+        ),
+    )
+    assert {p for p, _, _ in found} == {
+        "training.precision.base_weights",
+        "training.optimizer.name",
+        "distributed.backend",
+        "model.effnet.revision",
+    }
 
 
 def test_resume_and_overwrite_conflict(tmp_path: Path) -> None:
@@ -210,8 +275,10 @@ def test_resume_and_overwrite_conflict(tmp_path: Path) -> None:
 
 
 def test_missing_paths_warn_or_error(tmp_path: Path) -> None:
-    text = MINIMAL.replace('type: webdataset, path: "https://example.invalid/b.tar"',
-                           f"type: webdataset, path: '{tmp_path}/shards/{{000..009}}.tar'")
+    text = MINIMAL.replace(
+        'type: webdataset, path: "https://example.invalid/b.tar"',
+        f"type: webdataset, path: '{tmp_path}/shards/{{000..009}}.tar'",
+    )
     path = write(tmp_path, text)
     loaded = read_recipe(path, paths="warn")
     assert [w.path for w in loaded.warnings] == ["data.sources[1].path"]
@@ -224,7 +291,9 @@ def test_missing_paths_warn_or_error(tmp_path: Path) -> None:
 
 def test_local_model_paths_are_checked(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL)
-    found = problems(path, (f"model.prior.path={tmp_path}/ckpt", "model.prior.subfolder=prior"), paths="error")
+    found = problems(
+        path, (f"model.prior.path={tmp_path}/ckpt", "model.prior.subfolder=prior"), paths="error"
+    )
     assert found[0][0] == "model.prior.path" and f"{tmp_path}/ckpt/prior does not exist" in found[0][2]
     (tmp_path / "ckpt" / "prior").mkdir(parents=True)
     read_recipe(path, (f"model.prior.path={tmp_path}/ckpt", "model.prior.subfolder=prior"), paths="error")

@@ -1,4 +1,4 @@
-"""metrics.jsonl, trackers (with fakes standing in for the optional packages), loss curve, summary, progress."""
+"""metrics.jsonl, trackers (fakes stand in for the optional packages), loss curve, summary, progress."""
 from __future__ import annotations
 
 import json
@@ -125,7 +125,8 @@ def test_trackers_receive_the_metrics(tmp_path, monkeypatch):
         def close(self):
             calls.append("tb_close")
 
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    fake_tb = types.SimpleNamespace(SummaryWriter=FakeWriter)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake_tb)
     tb = RunLogger(tmp_path / "tb", report_to="tensorboard", total_steps=2, progress_bar=False)
     tb.log(1, {"loss": 0.5, "note": "text"})
     tb.finish(step=1)
@@ -150,6 +151,7 @@ def test_trackers_receive_the_metrics(tmp_path, monkeypatch):
     wb.log(1, {"loss": 0.25})
     wb.finish(step=1)
     assert ("wandb", {"loss": 0.25}, 1) in calls and calls[-1] == "wandb_finish"
-    assert inits[0]["project"] == "cascade-runner" and inits[0]["name"] == "wb" and inits[0]["config"] == {"seed": 0}
+    first = inits[0]
+    assert (first["project"], first["name"], first["config"]) == ("cascade-runner", "wb", {"seed": 0})
     RunLogger(out, report_to="wandb", total_steps=2, start_step=1, progress_bar=False)
     assert inits[1]["id"] == inits[0]["id"]  # a resumed run continues the same W&B run

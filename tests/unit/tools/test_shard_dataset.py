@@ -1,4 +1,5 @@
 """tools/shard_dataset.py: shards read back with the plain webdataset library."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -57,8 +58,15 @@ def make_inputs(root: Path) -> dict:
     sub = root / "sub dir"
     sub.mkdir()
     save("sub dir/nested.jpg", Image.fromarray(np.full((64, 64, 3), 99, np.uint8)))
-    good += ["camera gray.png", "alpha.png", "palette.png", "café photo ünï.webp", "日本 画像.png", "rotated.jpg",
-             "sub dir/nested.jpg"]
+    good += [
+        "camera gray.png",
+        "alpha.png",
+        "palette.png",
+        "café photo ünï.webp",
+        "日本 画像.png",
+        "rotated.jpg",
+        "sub dir/nested.jpg",
+    ]
     (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (root / "corrupt.txt").write_text("x")
     buf = io.BytesIO()
@@ -67,7 +75,12 @@ def make_inputs(root: Path) -> dict:
     (root / "truncated.txt").write_text("x")
     save("tiny.png", Image.new("RGB", (20, 20)))
     save("no caption.png", Image.new("RGB", (64, 64)), caption=None)
-    skipped = {"corrupt.jpg": "unreadable image", "truncated.jpg": "unreadable image", "tiny.png": "too small", "no caption.png": "missing caption"}
+    skipped = {
+        "corrupt.jpg": "unreadable image",
+        "truncated.jpg": "unreadable image",
+        "tiny.png": "too small",
+        "no caption.png": "missing caption",
+    }
     return {"good": sorted(good), "skipped": skipped}
 
 
@@ -80,7 +93,16 @@ def read_back(out: Path) -> list[dict]:
 def built(tmp_path_factory) -> tuple[Path, Path, dict]:
     tmp = tmp_path_factory.mktemp("shard")
     expected = make_inputs(tmp / "in")
-    argv = ["--input", str(tmp / "in"), "--output", str(tmp / "out"), "--samples-per-shard", "4", "--min-size", "32"]
+    argv = [
+        "--input",
+        str(tmp / "in"),
+        "--output",
+        str(tmp / "out"),
+        "--samples-per-shard",
+        "4",
+        "--min-size",
+        "32",
+    ]
     assert tool.main(argv) == 0
     return tmp, tmp / "out", expected
 
@@ -133,8 +155,20 @@ def test_rerun_reuses_verified_shards(built):
 
 def test_parallel_cli_matches_serial(built, tmp_path):
     tmp, out, _ = built
-    cmd = [sys.executable, str(TOOL), "--input", str(tmp / "in"), "--output", str(tmp_path / "par"),
-           "--samples-per-shard", "4", "--min-size", "32", "--workers", "2"]
+    cmd = [
+        sys.executable,
+        str(TOOL),
+        "--input",
+        str(tmp / "in"),
+        "--output",
+        str(tmp_path / "par"),
+        "--samples-per-shard",
+        "4",
+        "--min-size",
+        "32",
+        "--workers",
+        "2",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "sharding" in res.stderr  # the progress bar
@@ -144,8 +178,20 @@ def test_parallel_cli_matches_serial(built, tmp_path):
 
 def test_max_shard_size_and_downsample(built, tmp_path):
     tmp, _, expected = built
-    argv = ["--input", str(tmp / "in"), "--output", str(tmp_path / "o"), "--max-shard-size", "0.02",
-            "--max-size", "100", "--target-downsample-size", "64", "--caption-strategy", "filename"]
+    argv = [
+        "--input",
+        str(tmp / "in"),
+        "--output",
+        str(tmp_path / "o"),
+        "--max-shard-size",
+        "0.02",
+        "--max-size",
+        "100",
+        "--target-downsample-size",
+        "64",
+        "--caption-strategy",
+        "filename",
+    ]
     assert tool.main(argv) == 0
     samples = read_back(tmp_path / "o")
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
@@ -174,8 +220,16 @@ def test_group_files_by_bytes(tmp_path):
 def test_cli_errors(tmp_path):
     (tmp_path / "in").mkdir()
     with pytest.raises(SystemExit) as e:
-        tool.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--caption-strategy",
-                   "instanceprompt"])
+        tool.main(
+            [
+                "--input",
+                str(tmp_path / "in"),
+                "--output",
+                str(tmp_path / "o"),
+                "--caption-strategy",
+                "instanceprompt",
+            ]
+        )
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         tool.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--max-size", "9"])

@@ -1,4 +1,5 @@
 """Small image folders for the data tests: scikit-image photos plus made-up images."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,5 +55,10 @@ def run_shard_tool(argv: list[str]) -> int:
 def shard_dir(tmp_path: Path) -> Path:
     make_folder(tmp_path / "images")
     out = tmp_path / "shards"
-    assert run_shard_tool(["--input", str(tmp_path / "images"), "--output", str(out), "--samples-per-shard", "5"]) == 0
+    assert (
+        run_shard_tool(
+            ["--input", str(tmp_path / "images"), "--output", str(out), "--samples-per-shard", "5"]
+        )
+        == 0
+    )
     return out

@@ -1,4 +1,5 @@
 """Bucket maths in latent cells, size rules and crop geometry."""
+
 from __future__ import annotations
 
 import math

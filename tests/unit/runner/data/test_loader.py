@@ -1,4 +1,5 @@
 """Loader: exactly-once epochs across ranks and workers, bucket shapes, seeds, resume, caches."""
+
 from __future__ import annotations
 
 import io
@@ -45,7 +46,6 @@ def epoch_keys(srcs, **kw) -> tuple[list[list[str]], list[dict]]:
 @pytest.mark.parametrize("world,workers", [(1, 0), (2, 0), (3, 0), (2, 2), (3, 2)])
 def test_each_sample_once_per_epoch(both, world, workers):
     # 24 shard samples once + 24 local samples twice (repeats=1) = 72 per epoch
-    expected = Counter({f"0/{r.uid}": 1 for r in build_index(both[:1], cfg()).entries[:0]})
     index = build_index(both, cfg())
     expected = Counter()
     for e in index.entries:
@@ -131,8 +131,10 @@ def test_resume_mid_epoch(both, workers):
 
 def test_undecodable_image_reported(image_folder: Path):
     buf = io.BytesIO()
-    Image.new("RGB", (96, 96), (1, 2, 3)).save(buf, "JPEG")
-    (image_folder / "cut.jpg").write_bytes(buf.getvalue()[:200])  # header fine, data cut
+    Image.effect_noise((96, 96), 64).convert("RGB").save(buf, "JPEG")
+    (image_folder / "cut.jpg").write_bytes(
+        buf.getvalue()[: len(buf.getvalue()) // 2]
+    )  # header fine, data cut
     (image_folder / "cut.txt").write_text("cut")
     c = cfg(batch_size=64, buckets=("3x3",))
     batches = list(StageCLoader(build_index([SourceSpec(type="local", path=str(image_folder))], c), c))
@@ -158,8 +160,9 @@ def test_latent_cache_through_loader(both, tmp_path: Path):
         h, w = b["bucket"]
         assert tuple(lat.shape) == (len(b["keys"]), 16, h, w) and lat.dtype == torch.bfloat16
         first.update({(k, cr): t for k, cr, t in zip(b["keys"], b["crops"], lat, strict=True)})
-    # repeats=1 gives 2 crops per local sample; cached misses = unique (sample, crop) pairs
-    assert cache.misses == len(first) and cache.hits == 72 - len(first)
+    # one file per distinct (sample, crop); a repeat with the same crop in the same batch is a second miss
+    assert len(list((tmp_path / "latents").rglob("*.safetensors"))) == len(first)
+    assert cache.hits + cache.misses == 72 and cache.misses >= len(first) > 24
     cache.hits = cache.misses = 0
     for b in loader:  # epoch 1: new order, same crops -> every latent comes from the cache
         assert b["images"].shape[0] == 0

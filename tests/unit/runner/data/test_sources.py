@@ -1,4 +1,5 @@
 """Local-folder and shard indexing: sizes, captions and every skipped file reported."""
+
 from __future__ import annotations
 
 import io
@@ -40,8 +41,13 @@ def test_caption_strategies(image_folder: Path):
     (image_folder / "red_car.json").write_text(json.dumps({"caption": ["one", "two"]}))
     by = {}
     for strategy in ("filename", "instanceprompt", "json"):
-        spec = SourceSpec(type="local", path=str(image_folder), caption_strategy=strategy, instance_prompt="sks",
-                          prepend_instance_prompt=strategy != "instanceprompt")
+        spec = SourceSpec(
+            type="local",
+            path=str(image_folder),
+            caption_strategy=strategy,
+            instance_prompt="sks",
+            prepend_instance_prompt=strategy != "instanceprompt",
+        )
         by[strategy] = index_local(spec)
     assert {r.key: r.captions for r in by["filename"].samples}["red_car.png"] == ("sks red car",)
     assert all(r.captions == ("sks",) for r in by["instanceprompt"].samples)
@@ -80,7 +86,9 @@ def test_truncated_tar_and_missing_caption(shard_dir: Path, tmp_path: Path):
         sink.write({"__key__": "noimage", "txt": b"caption without image"})
     tar = shard_dir / "shard-000001.tar"
     os.truncate(tar, os.path.getsize(tar) // 2)
-    spec = SourceSpec(type="webdataset", urls=(str(shard_dir / "shard-00000{0,1}.tar"), str(tmp_path / "extra.tar")))
+    spec = SourceSpec(
+        type="webdataset", urls=(str(shard_dir / "shard-00000{0,1}.tar"), str(tmp_path / "extra.tar"))
+    )
     report = index_webdataset(spec)
     reasons = [r for _, r in report.skipped]
     assert any("truncated" in r for r in reasons)
@@ -90,3 +98,13 @@ def test_truncated_tar_and_missing_caption(shard_dir: Path, tmp_path: Path):
     assert from_first == 5 and 0 < from_cut < 5
     for r in report.samples:
         assert load_image(r).size == (r.width, r.height)  # every indexed sample is whole
+
+
+def test_remote_urls_fetched_into_shard_cache(shard_dir: Path, tmp_path: Path):
+    url = f"file://{shard_dir}/shard-{{000000..000001}}.tar"
+    spec = SourceSpec(type="webdataset", urls=(url,))
+    with pytest.raises(ValueError, match="shard cache directory"):
+        index_webdataset(spec)
+    report = index_webdataset(spec, shard_cache_dir=str(tmp_path / "cache"))
+    assert len(report.samples) == 10 and len(list((tmp_path / "cache").glob("*.tar"))) == 2
+    assert all(Path(r.file).parent == tmp_path / "cache" for r in report.samples)

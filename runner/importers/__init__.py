@@ -1,0 +1,1 @@
+"""Converters from other trainers' configurations to cascade-runner recipes (`runner import TOOL ...`)."""
