@@ -136,11 +136,19 @@ class TextEncoder:
     model: nn.Module
     tokenizer: Any
     identity: str
+    clip_img_dim: int = 768  # Stage C's c_clip_img; set from the prior once it is loaded
 
     def encode(self, captions: list[str]):
         from cascade_core.models.text import encode_text
 
-        return encode_text(self.model, self.tokenizer, captions, dtype=torch.float32)
+        return encode_text(self.model, self.tokenizer, captions, dtype=torch.float32,
+                           clip_img_dim=self.clip_img_dim)
+
+    def empty(self):
+        from cascade_core.models.text import empty_text_conditioning
+
+        return empty_text_conditioning(self.model, self.tokenizer, 1, dtype=torch.float32,
+                                       clip_img_dim=self.clip_img_dim)
 
 
 def build_text_encoder(recipe: Recipe, device: torch.device) -> TextEncoder:
@@ -149,8 +157,8 @@ def build_text_encoder(recipe: Recipe, device: torch.device) -> TextEncoder:
 
     model_dir = resolve_source(recipe.model.text_encoder, "model.text_encoder")
     tok_dir = resolve_source(recipe.model.tokenizer, "model.tokenizer")
-    model_dir = model_dir / recipe.model.text_encoder.subfolder if recipe.model.text_encoder.subfolder else model_dir
-    tok_dir = tok_dir / recipe.model.tokenizer.subfolder if recipe.model.tokenizer.subfolder else tok_dir
+    model_dir = model_dir / recipe.model.text_encoder.subfolder
+    tok_dir = tok_dir / recipe.model.tokenizer.subfolder
     try:
         model = CLIPTextModelWithProjection.from_pretrained(str(model_dir), torch_dtype=torch.float32)
         tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))

@@ -51,15 +51,11 @@ def _one_recipe(args: argparse.Namespace) -> tuple[str, list[str]]:
 
 def _train(args: argparse.Namespace) -> int:
     from runner.recipe import read_recipe
+    from runner.train import train
 
     recipe, overrides = _one_recipe(args)
-    read_recipe(recipe, overrides, paths="error")
-    print(
-        f"{recipe}: recipe OK, but training is not available yet in this version of cascade-runner "
-        f"(the training loop is still being built). `runner plan {recipe}` shows what would run.",
-        file=sys.stderr,
-    )
-    return 1
+    train(read_recipe(recipe, overrides, paths="error"))
+    return 0
 
 
 def _validate_args(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +138,30 @@ def _import(args: argparse.Namespace) -> int:
     return import_simpletuner(args.config, backend=args.backend, output=args.output, force=args.force)
 
 
+def _sample_args(parser: argparse.ArgumentParser) -> None:
+    from runner.sample import add_arguments
+
+    add_arguments(parser)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from runner.sample import run
+
+    return run(args)
+
+
+def _export_args(parser: argparse.ArgumentParser) -> None:
+    from runner.export import add_export_arguments
+
+    add_export_arguments(parser)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from runner.export import run_export
+
+    return run_export(args)
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command(
         "train from a recipe (the default: `runner RECIPE` is `runner train RECIPE`)", _recipe_args, _train
@@ -155,6 +175,16 @@ COMMANDS: dict[str, Command] = {
         "print the resolved recipe (defaults filled in) without running anything", _recipe_args, _plan
     ),
     "import": Command("convert another trainer's configuration into a recipe", _import_args, _import),
+    "sample": Command(
+        "generate images from prompts (Stage C, then Stage B + A or the Previewer), optionally with LoRAs",
+        _sample_args,
+        _sample,
+    ),
+    "export": Command(
+        "convert a LoRA file between formats (native, ComfyUI, PEFT, official) or merge it into the base",
+        _export_args,
+        _export,
+    ),
 }
 
 

@@ -12,11 +12,13 @@ shell-style globs (`fnmatch`, case-sensitive) matched against the WHOLE target n
 dots. Examples: `*.attention.attn.*` (the official choice), `down_blocks.1.*.channelwise.0`, `clip_*_mapper`.
 Every pattern must match at least one target.
 
-Hosts keep the base parameter names: a Linear/Conv2d gets LoRA by switching its class in place to a
-subclass (`LoRALinear`, `LoRAConv2d`, `LoRAInt8Linear`, or a generated `LoRA<Base>` class) that adds
-`adapters: ModuleDict[name -> LoRAAdapter]`, so `weight`/`bias` keys never change and optimizers or
-other references to the base parameters stay valid. The fused in-projection gets its adapter in the
-attention module's own `in_proj_adapters`. Effective weight: W + strength * (alpha / rank) * up @ down.
+Hosts (peft/layers.py) keep the base parameter names: a Linear/Conv2d gets LoRA by switching its
+class in place to a subclass (`LoRALinear`, `LoRAConv2d`, `LoRAInt8Linear`, or a generated
+`LoRA<Base>` class) that adds `adapters: ModuleDict[name -> LoRAAdapter]`, so `weight`/`bias` keys
+never change and optimizers or other references to the base parameters stay valid. The fused
+in-projection gets its adapter in the attention module's own `in_proj_adapters`.
+Effective weight: W + strength * (alpha / rank) * up @ down. Inject after the base weights are loaded
+(and quantized, if int8), and before wrapping the model for FSDP.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from cascade_core.peft.layers import (
     InitMode,
@@ -86,9 +87,7 @@ def _is_fused_attention(module: nn.Module) -> bool:
 
 def _linear_like_shape(module: nn.Module) -> tuple[int, ...] | None:
     """Base weight shape if the module can host LoRA as a target, else None."""
-    if isinstance(module, Int8Linear):
-        return (module.out_features, module.in_features)
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, Int8Linear)):
         return (module.out_features, module.in_features)
     if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1:
         return (module.out_channels, module.in_channels, 1, 1)
@@ -99,7 +98,7 @@ def lora_target_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Every possible LoRA target in `model` -> its base weight shape, in module order."""
     shapes: dict[str, tuple[int, ...]] = {}
     for name, module in model.named_modules():
-        if isinstance(module, LoRAAdapter) or ".parametrizations." in f".{name}.":
+        if isinstance(module, LoRAAdapter):
             continue
         if _is_fused_attention(module):
             c = module.embed_dim if hasattr(module, "embed_dim") else module.in_proj_weight.shape[1]
@@ -266,19 +265,13 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
 
 
 def _mergeable_weight(model: nn.Module, target: str) -> Tensor:
-    path, fused = _split_target(target)
-    module = model.get_submodule(path)
-    if fused and parametrize.is_parametrized(module, "in_proj_weight"):
+    weight = _base_weight(model, target)
+    if not weight.is_floating_point():
         raise ValueError(
             f"cannot merge LoRA into {target!r}: its base weight is quantized (int8); "
             "merge onto the full-precision checkpoint instead"
         )
-    if isinstance(module, Int8Linear) or (not fused and not module.weight.is_floating_point()):
-        raise ValueError(
-            f"cannot merge LoRA into {target!r}: its base weight is quantized (int8); "
-            "merge onto the full-precision checkpoint instead"
-        )
-    return module.in_proj_weight if fused else module.weight
+    return weight
 
 
 @torch.no_grad()

@@ -2,15 +2,17 @@
 
 Symmetric per-output-channel scheme: scale[o] = max|W[o, :]| / 127 and q = round(W / scale), so
 |W - q * scale| <= scale / 2 element-wise. Pure PyTorch (`backend="int8"`): runs on CPU and GPU;
-the matmul uses the int8 weight cast to the activation dtype and applies the scale to the output
-(y = (x @ q^T) * scale + b), so gradients reach the input (and any LoRA adapter) through a frozen base.
+`int8_linear` computes y = (x @ q^T) * scale + b in the activation (or autocast) dtype and saves only
+the int8 weight for backward, so gradients reach the input (and any LoRA adapter) through a frozen
+base without keeping a floating copy of any weight alive between forward and backward.
 
 Where quantized weights live:
 * every `nn.Linear` becomes an `Int8Linear` (keys `weight` int8 [out, in], `weight_scale` float32
   [out], `bias`);
-* the fused attention in-projection (`in_proj_weight` [3c, c], not an nn.Linear) gets a
-  parametrization that dequantizes on access (keys `parametrizations.in_proj_weight.original0/1`
-  = int8 weight and scale), so the attention code keeps reading `self.in_proj_weight`.
+* an attention module with the fused in-projection (`in_proj_weight` [3c, c] + `project_in`, see
+  models/blocks.py) switches class in place to `Int8<Class>`, whose `project_in` runs `int8_linear`
+  (keys `in_proj_weight` int8, `in_proj_weight_scale` float32 [3c], `in_proj_bias`); its
+  `in_proj_adapters` (LoRA) are applied exactly as in the base class.
 
 Loading without a full-precision copy on the GPU: build the model on `meta`, call
 `quantize_model_(model)` (works on meta), then for each checkpoint tensor whose key is in
@@ -19,7 +21,8 @@ Loading without a full-precision copy on the GPU: build the model on `meta`, cal
 where it lies (CPU) and moves only int8 values and scales to `device`. Load the other keys as usual.
 
 Backends `int8-torchao` and `int8-bnb` quantize the nn.Linear layers with those libraries (CUDA
-only, imported lazily); the fused in-projection always uses the pure-PyTorch parametrization.
+only, imported lazily); the fused in-projection always uses the pure-PyTorch path. bitsandbytes
+computes in float16 internally (Stage C is known to overflow in fp16): prefer `int8` or `int8-torchao`.
 """
 
 from __future__ import annotations
@@ -30,14 +33,14 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 __all__ = [
     "INT8_BACKENDS",
     "quantize_weight",
     "dequantize_weight",
     "Int8Linear",
-    "Int8Dequantize",
+    "Int8InProjMixin",
+    "int8_linear",
     "quantize_model_",
     "int8_weight_keys",
     "assign_int8_weight_",
@@ -64,6 +67,33 @@ def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
 def dequantize_weight(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """q * scale per output channel, in `dtype`."""
     return (q.float() * scale.float().view(-1, *([1] * (q.dim() - 1)))).to(dtype)
+
+
+class _Int8LinearFn(torch.autograd.Function):
+    """y = (x @ q^T) * scale; saves only q and scale, and rebuilds the float weight in backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        ctx.save_for_backward(q, scale)
+        ctx.x_dtype, ctx.dtype = x.dtype, dtype
+        y = F.linear(x.to(dtype), q.to(dtype))  # [..., out]; int8 values are exact in bf16/fp16/fp32
+        return y * scale.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        q, scale = ctx.saved_tensors
+        grad_x = (grad.to(ctx.dtype) * scale.to(ctx.dtype)) @ q.to(ctx.dtype)  # [..., out] @ [out, in]
+        return grad_x.to(ctx.x_dtype), None, None
+
+
+def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [..., in] with an int8 weight q [out, in] and per-row scale [out] -> [..., out]."""
+    y = _Int8LinearFn.apply(x, q, scale)
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 class Int8Linear(nn.Module):
@@ -126,9 +156,7 @@ class Int8Linear(nn.Module):
         return dequantize_weight(self.weight, self.weight_scale, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight.to(x.dtype))  # [..., out]; int8 values are exact in bf16/fp16/fp32
-        y = y * self.weight_scale.to(y.dtype)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return int8_linear(x, self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
         return (
@@ -136,26 +164,35 @@ class Int8Linear(nn.Module):
         )
 
 
-class Int8Dequantize(nn.Module):
-    """Parametrization: stored (q int8, scale) -> the floating weight the module reads."""
+class Int8InProjMixin:
+    """An attention module whose fused q/k/v in-projection is int8 (the interface of blocks.py)."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.dtype = dtype
+    in_proj_weight: Tensor
+    in_proj_weight_scale: Tensor
+    in_proj_bias: Tensor | None
+    in_proj_adapters: nn.ModuleDict
 
-    def forward(self, q: Tensor, scale: Tensor) -> Tensor:
-        return dequantize_weight(q, scale, self.dtype)
+    def project_in(self, tokens: Tensor) -> Tensor:
+        """[B, N, c] -> [B, N, 3c] (q | k | v), including any registered adapters."""
+        out = int8_linear(tokens, self.in_proj_weight, self.in_proj_weight_scale, self.in_proj_bias)
+        for adapter in self.in_proj_adapters.values():
+            out = out + adapter(tokens)
+        return out
 
-    def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
-        return quantize_weight(weight)
+
+_INT8_ATTENTION: dict[type, type] = {}
 
 
 def _quantize_in_proj_(module: nn.Module) -> None:
-    weight = module.in_proj_weight
-    weight.requires_grad_(False)  # the originals must be frozen: int8 tensors cannot require grad
-    parametrize.register_parametrization(module, "in_proj_weight", Int8Dequantize(weight.dtype), unsafe=True)
-    for p in module.parametrizations.in_proj_weight.parameters():
-        p.requires_grad_(False)
+    base = type(module)
+    if base not in _INT8_ATTENTION:
+        _INT8_ATTENTION[base] = type(f"Int8{base.__name__}", (Int8InProjMixin, base), {})
+    q, scale = quantize_weight(module.in_proj_weight)
+    module.__class__ = _INT8_ATTENTION[base]
+    module.in_proj_weight = nn.Parameter(q, requires_grad=False)
+    module.in_proj_weight_scale = nn.Parameter(scale, requires_grad=False)
+    if module.in_proj_bias is not None:
+        module.in_proj_bias.requires_grad_(False)
 
 
 def _skipped(name: str, skip: Sequence[str]) -> bool:
@@ -179,7 +216,10 @@ def _fused_attention(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, n
     return [
         (n, m)
         for n, m in model.named_modules()
-        if "in_proj_weight" in m._parameters and not _skipped(f"{n}.in_proj", skip)
+        if "in_proj_weight" in m._parameters
+        and hasattr(m, "project_in")
+        and m.in_proj_weight.is_floating_point()
+        and not _skipped(f"{n}.in_proj", skip)
     ]
 
 
@@ -216,11 +256,22 @@ def _torchao_(model: nn.Module, names: set[str]) -> None:
     quant.quantize_(model, config, filter_fn=lambda m, fqn: fqn in names)
 
 
+def _bnb_class(bnb) -> type:
+    """bnb's Linear8bitLt takes 2-D/3-D inputs only; Stage C's channel MLPs feed [B, H, W, C]."""
+    base = bnb.nn.Linear8bitLt
+
+    def forward(self, x: Tensor) -> Tensor:
+        return base.forward(self, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+    return type("Bnb8bitLinear", (base,), {"forward": forward})
+
+
 def _bnb_(model: nn.Module, linears: list[tuple[str, nn.Linear]]) -> None:
     bnb = _import("int8-bnb", "bitsandbytes")
+    cls = _bnb_class(bnb)
     for name, linear in linears:
         device = linear.weight.device
-        new = bnb.nn.Linear8bitLt(
+        new = cls(
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,
@@ -270,9 +321,8 @@ def int8_weight_keys(model: nn.Module) -> set[str]:
         prefix = f"{name}." if name else ""
         if isinstance(module, Int8Linear):
             keys.add(f"{prefix}weight")
-        if parametrize.is_parametrized(module, "in_proj_weight"):
-            if isinstance(module.parametrizations.in_proj_weight[0], Int8Dequantize):
-                keys.add(f"{prefix}in_proj_weight")
+        if isinstance(module, Int8InProjMixin):
+            keys.add(f"{prefix}in_proj_weight")
     return keys
 
 
@@ -287,16 +337,15 @@ def assign_int8_weight_(
     if leaf == "weight" and isinstance(module, Int8Linear):
         module.set_weight_(weight, device=device)
         return
-    if leaf == "in_proj_weight" and parametrize.is_parametrized(module, "in_proj_weight"):
-        plist = module.parametrizations.in_proj_weight
-        expected = tuple(plist.original0.shape)
+    if leaf == "in_proj_weight" and isinstance(module, Int8InProjMixin):
+        expected = tuple(module.in_proj_weight.shape)
         if tuple(weight.shape) != expected:
             raise ValueError(
                 f"int8 weight {key!r}: expected shape {list(expected)}, got {list(weight.shape)}"
             )
         q, scale = quantize_weight(weight)
-        plist.original0 = nn.Parameter(q.to(device), requires_grad=False)
-        plist.original1 = nn.Parameter(scale.to(device), requires_grad=False)
+        module.in_proj_weight = nn.Parameter(q.to(device), requires_grad=False)
+        module.in_proj_weight_scale = nn.Parameter(scale.to(device), requires_grad=False)
         return
     raise ValueError(f"{key!r} is not an int8-quantized weight of this model; see int8_weight_keys(model)")
 

@@ -79,12 +79,18 @@ def test_plan_prints_the_resolved_recipe(capsys: pytest.CaptureFixture[str]) -> 
     assert "  warmup_steps: 100" in printed and "mixed_precision: bf16" in printed
 
 
-def test_train_says_training_is_not_available_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_refuses_a_missing_local_model_before_starting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "0.tar").write_bytes(b"")
-    assert main([LORA, f"data.sources.0.path={shards}/*.tar"]) == 1
-    assert "training is not available yet" in capsys.readouterr().err
+    missing = tmp_path / "no_such_prior"
+    assert main([LORA, f"data.sources.0.path={shards}/*.tar", f"model.prior.path={missing}",
+                 f"output.dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert "model.prior.path" in err and "does not exist" in err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,290 @@
+"""`runner RECIPE`: one readable loop for LoRA and full fine-tuning of the Stage C prior.
+
+setup -> (step -> log -> checkpoint -> validate)* -> export -> summary. Randomness comes from the global
+torch RNG, seeded from the recipe and saved in every checkpoint, so on the CPU N straight steps equal
+k steps + resume + N-k steps bit for bit.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from runner.build import (
+    AUTOCAST_DTYPES,
+    build_decoders,
+    build_effnet,
+    build_loader,
+    build_prior,
+    build_text_encoder,
+    pick_device,
+)
+from runner.checkpoint import load_checkpoint, prepare_output_dir, resolve_resume, save_checkpoint
+from runner.cli import dump_yaml
+from runner.ema import EMA
+from runner.errors import UserError
+from runner.optim import all_finite, build_optimizer, build_scheduler, clip_gradients
+from runner.recipe import LoadedRecipe
+from runner.run_log import RunLogger
+from runner.spec import Recipe
+from runner.step import loss_name, stage_c_loss
+
+MAX_NONFINITE_IN_A_ROW = 10  # more skipped steps than this in a row stops the run (after a checkpoint)
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    samples: int = 0
+    skipped_nonfinite: int = 0
+    nonfinite_in_a_row: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+class NonFiniteLossError(UserError):
+    pass
+
+
+def _precision_setup(recipe: Recipe, device: torch.device) -> torch.dtype | None:
+    precision = recipe.training.precision
+    torch.backends.cuda.matmul.allow_tf32 = precision.allow_tf32
+    torch.backends.cudnn.allow_tf32 = precision.allow_tf32
+    if precision.mixed_precision == "fp16" and device.type == "cpu":
+        raise UserError("training.precision.mixed_precision: fp16 autocast needs a GPU; use bf16 or no")
+    return AUTOCAST_DTYPES[precision.mixed_precision]
+
+
+def total_steps(recipe: Recipe, steps_per_epoch: int) -> int:
+    training = recipe.training
+    if training.max_steps is not None:
+        return training.max_steps
+    return max(1, training.num_epochs * math.ceil(steps_per_epoch / training.gradient_accumulation_steps))
+
+
+def trainable_state(prior: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in prior.named_parameters() if p.requires_grad}
+
+
+def _latents(batch: dict, effnet: nn.Module, latent_cache, batch_size: int,
+             device: torch.device) -> torch.Tensor:
+    """Stage C latents [B,16,h,w] (fp32, on device) of a loader batch: from the cache or the EfficientNet."""
+    from cascade_core.models.effnet import imagenet_normalize
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        return effnet(images.to(device))
+
+    if latent_cache is not None:
+        return latent_cache.complete(batch, encode, batch_size).to(device=device, dtype=torch.float32)
+    with torch.no_grad():
+        return encode(imagenet_normalize(batch["images"].to(device))).float()
+
+
+def _conditioning(captions: list[str], text, text_cache, empty, caption_dropout: float, batch_size: int,
+                  device: torch.device):
+    from cascade_core.models.text import TextConditioning, drop_captions
+
+    if text_cache is not None:
+        hidden, pooled = text_cache.get(captions, lambda c: _text_pair(text, c), batch_size)
+        cond = TextConditioning(hidden.to(device, torch.float32), pooled.to(device, torch.float32),
+                                torch.zeros(len(captions), 1, empty.clip_img.shape[-1], device=device))
+    else:
+        cond = text.encode(captions).to(device=device, dtype=torch.float32)
+    drop = torch.rand(len(captions)) < caption_dropout  # [B] bool, global RNG
+    return drop_captions(cond, empty, drop) if caption_dropout > 0 else cond
+
+
+def _text_pair(text, captions: list[str]):
+    cond = text.encode(captions)
+    return cond.clip_text, cond.clip_text_pooled
+
+
+def train(loaded: LoadedRecipe) -> dict:
+    """Run the recipe to the end; returns the summary."""
+    recipe = loaded.spec
+    training = recipe.training
+    device = pick_device(recipe.device)
+    autocast_dtype = _precision_setup(recipe, device)
+    out = Path(recipe.output.dir)
+    resume_from = resolve_resume(out, recipe.checkpoints.resume) if out.exists() else None
+    prepare_output_dir(out, resuming=resume_from is not None, overwrite=recipe.output.overwrite)
+    torch.manual_seed(training.seed)
+
+    # ---- setup: models (frozen helpers first, then the prior), data, optimizer
+    text = build_text_encoder(recipe, device)
+    effnet, effnet_id = build_effnet(recipe, device)
+    prior = build_prior(recipe, device)
+    text.clip_img_dim = prior.config.c_clip_img
+    prior.train(training.mode == "full")  # LoRA trains without dropout, as the official trainer does
+    validation = None
+    if recipe.validation.enabled:
+        from runner.train_validation import TrainingValidator
+
+        decoders = build_decoders(recipe, device, need_full=recipe.validation.use_decoder)
+        validation = TrainingValidator(recipe, text, decoders, out / "validation", device)
+    text_cache = latent_cache = None
+    if recipe.data.cache.text_embeddings:
+        from runner.data.text_cache import TextCache
+
+        text_cache = TextCache(recipe.data.cache.text_embeddings_dir, text.identity)
+    if recipe.data.cache.latents:
+        from runner.data.latent_cache import LatentCache
+
+        latent_cache = LatentCache(recipe.data.cache.latents_dir, effnet_id)
+    loader, _ = build_loader(recipe, latent_cache=latent_cache)
+    steps = total_steps(recipe, loader.steps_per_epoch())
+    params = [p for p in prior.parameters() if p.requires_grad]
+    opt = training.optimizer
+    extra = {}
+    if opt.name == "adafactor":
+        extra = {"beta2_decay": opt.adafactor_beta2_decay}
+    optimizer = build_optimizer(opt.name, params, lr=training.learning_rate, weight_decay=opt.weight_decay,
+                                betas=tuple(opt.betas), eps=opt.eps, **extra)
+    sched = training.scheduler
+    scheduler = build_scheduler(sched.name, optimizer, warmup_steps=sched.warmup_steps, total_steps=steps,
+                                num_cycles=sched.num_cycles, power=sched.power,
+                                min_lr_ratio=sched.lr_end / training.learning_rate)
+    ema = None
+    if training.ema.enabled:
+        ema = EMA(prior, decay=training.ema.decay, update_interval=training.ema.update_every,
+                  start_step=training.ema.start_step, device="cpu" if training.ema.device == "cpu" else None)
+    adaptive = None
+    if training.loss_weighting == "adaptive":
+        from cascade_core.diffusion.objective import AdaptiveLossWeight
+
+        adaptive = AdaptiveLossWeight().to(device)
+    empty = text.empty()
+    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+
+    state = TrainState()
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from, map_location=device)
+        named = dict(prior.named_parameters())
+        with torch.no_grad():
+            for name, value in ckpt.trainable.items():
+                if name not in named:
+                    raise UserError(f"checkpoint {resume_from} holds {name!r}, which this recipe's model "
+                                    "lacks; resume with the recipe that wrote it (its recipe.yaml)")
+                named[name].copy_(value)
+        optimizer.load_state_dict(ckpt.optimizer)
+        scheduler.load_state_dict(ckpt.scheduler)
+        if ema is not None and ckpt.ema is not None:
+            ema.load_state_dict(ckpt.ema)
+        if adaptive is not None and ckpt.loss_weight is not None:
+            adaptive.load_state_dict({k: v.to(device) for k, v in ckpt.loss_weight.items()})
+        try:
+            loader.load_state_dict(ckpt.data_cursor["loader"])
+        except ValueError as err:
+            raise UserError(f"resume from {resume_from}: {err}") from None
+        state.step, state.samples = ckpt.step, int(ckpt.data_cursor.get("samples", 0))
+
+    logger = RunLogger(out, report_to=recipe.logging.report_to, total_steps=steps, start_step=state.step,
+                       progress_bar=recipe.logging.progress_bar, run_name=recipe.logging.run_name,
+                       wandb_project=recipe.logging.wandb_project or "cascade-runner", device=device)
+
+    def checkpoint() -> None:
+        path = save_checkpoint(
+            out, state.step, trainable=trainable_state(prior), optimizer_state=optimizer.state_dict(),
+            scheduler_state=scheduler.state_dict(),
+            data_cursor={"loader": loader.state_dict(), "samples": state.samples},
+            recipe_text=dump_yaml(loaded.resolved),
+            ema_state=ema.state_dict() if ema is not None else None,
+            loss_weight_state=adaptive.state_dict() if adaptive is not None else None,
+            keep_last=recipe.checkpoints.keep_last)
+        logger.add_file(path.parent)
+
+    def validate() -> None:
+        if validation is None:
+            return
+        if ema is not None:
+            with ema.swap_into(prior):
+                written = validation.run(prior, state.step)
+        else:
+            written = validation.run(prior, state.step)
+        logger.add_file(written)
+
+    if validation is not None and recipe.validation.at_start and state.step == 0:
+        validate()
+
+    # ---- the loop
+    accum = training.gradient_accumulation_steps
+    micro = 0
+    started = time.perf_counter()
+    window_loss = 0.0
+    while state.step < steps:
+        micro_before = micro
+        for batch in loader:
+            if not batch["keys"]:
+                continue  # every image of this batch failed to decode (listed in batch["skipped"])
+            latents = _latents(batch, effnet, latent_cache, recipe.data.cache.encoder_batch_size, device)
+            cond = _conditioning(batch["captions"], text, text_cache, empty, training.caption_dropout,
+                                 recipe.data.cache.encoder_batch_size, device)
+            result = stage_c_loss(prior, latents, cond, training, step=state.step,
+                                  autocast_dtype=autocast_dtype, adaptive=adaptive)
+            loss = result.loss / accum
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            window_loss += float(result.loss.detach())
+            if adaptive is not None and bool(torch.isfinite(result.raw).all()):
+                adaptive.update(result.logsnr, result.raw)
+            state.samples += latents.shape[0]
+            micro += 1
+            if micro % accum:
+                continue
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = clip_gradients(params, training.max_grad_norm)
+            finite = all_finite(torch.tensor(window_loss), grad_norm)
+            if finite:
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                state.nonfinite_in_a_row = 0
+            else:
+                state.skipped_nonfinite += 1
+                state.nonfinite_in_a_row += 1
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            if finite and ema is not None:
+                ema.update(state.step)
+            mean_loss = window_loss / accum
+            window_loss = 0.0
+            lr = scheduler.get_last_lr()[0]
+            logger.progress(state.step, loss=mean_loss, lr=lr)
+            if state.step % recipe.logging.every_n_steps == 0 or state.step == steps:
+                logger.log(state.step, {
+                    "loss": mean_loss if finite else None, "objective": loss_name(training), "lr": lr,
+                    "grad_norm": float(grad_norm), "epoch": loader.epoch, "samples": state.samples,
+                    "skipped_nonfinite": state.skipped_nonfinite, "rollout_forwards": result.extra_forwards,
+                    "text_cache_hits": text_cache.hits if text_cache else None,
+                    "latent_cache_hits": latent_cache.hits if latent_cache else None,
+                    "elapsed_s": round(time.perf_counter() - started, 3)})
+            if state.nonfinite_in_a_row > MAX_NONFINITE_IN_A_ROW:
+                checkpoint()
+                raise NonFiniteLossError(
+                    f"{state.nonfinite_in_a_row} optimizer steps in a row had a NaN/inf loss or gradient "
+                    f"(step {state.step}); the weights were left untouched and a checkpoint was saved. Check "
+                    "training.precision (use mixed_precision bf16 or no; fp16 overflows in Stage C), lower "
+                    "training.learning_rate, or set training.max_grad_norm")
+            if state.step % recipe.checkpoints.every_n_steps == 0 or state.step == steps:
+                checkpoint()
+            if recipe.validation.enabled and (
+                    state.step % recipe.validation.every_n_steps == 0 or state.step == steps):
+                validate()
+            if state.step >= steps:
+                break
+        if micro == micro_before:
+            raise UserError("data: a whole epoch produced no usable batch (every image failed to decode?); "
+                            "run `runner plan` on the recipe to see the skipped samples")
+
+    # ---- the end: exports and the summary
+    from runner.export import export_training_result
+
+    for path in export_training_result(recipe, prior, ema, out):
+        logger.add_file(path)
+    return logger.finish(step=state.step, samples=state.samples, skipped_steps=state.skipped_nonfinite)
