@@ -117,7 +117,9 @@ def attach_lora(prior: nn.Module, recipe: Recipe) -> list[str]:
     from cascade_core.peft.lora import inject_lora
 
     lora = recipe.training.lora
-    targets: Any = list(lora.target_patterns) if lora.targets == "custom" else LORA_TARGETS[lora.targets]
+    targets: Any = LORA_TARGETS.get(lora.targets)
+    if lora.targets == "custom":
+        targets = custom_lora_targets(prior, lora.target_patterns)
     try:
         chosen = inject_lora(prior, rank=lora.rank, alpha=lora.alpha, targets=targets, dropout=lora.dropout,
                              init=LORA_INIT[lora.init], dtype=torch.float32)
@@ -128,6 +130,20 @@ def attach_lora(prior: nn.Module, recipe: Recipe) -> list[str]:
 
         load_lora_into(prior, lora.init_weights, name="default")
     return chosen
+
+
+def custom_lora_targets(prior: nn.Module, patterns: tuple[str, ...]) -> list[str]:
+    """Target names (module paths; `<attn>.in_proj` for the fused q/k/v) fully matching the recipe's regexes."""
+    import re
+
+    from cascade_core.peft.lora import lora_target_shapes
+
+    names = list(lora_target_shapes(prior))
+    unmatched = [p for p in patterns if not any(re.fullmatch(p, n) for n in names)]
+    if unmatched:
+        raise UserError(f"training.lora.target_patterns {unmatched} match no LoRA-capable module (regular "
+                        f"expressions matched against the whole name); examples: {names[:3]}")
+    return [n for n in names if any(re.fullmatch(p, n) for p in patterns)]
 
 
 # ---------------------------------------------------------------- frozen helpers

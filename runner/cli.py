@@ -93,17 +93,23 @@ def _validate(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+def _plan_args(parser: argparse.ArgumentParser) -> None:
+    _recipe_args(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object (recipe + plan)")
+
+
 def _plan(args: argparse.Namespace) -> int:
-    from runner.recipe import read_recipe
-    from runner.spec import spec_to_dict
+    from runner.plan import run_plan
 
     recipe, overrides = _one_recipe(args)
-    loaded = read_recipe(recipe, overrides, paths="warn")
-    print(f"# {recipe}: the resolved recipe, with every default filled in")
-    for warning in loaded.warnings:
-        print(f"# warning: {warning.render()}")
-    print(dump_yaml(spec_to_dict(loaded.spec)), end="")
-    return 0
+    return run_plan(recipe, overrides, as_json=args.json)
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from runner.cache_cmd import run_cache
+
+    recipe, overrides = _one_recipe(args)
+    return run_cache(recipe, overrides)
 
 
 def dump_yaml(data: object) -> str:
@@ -172,7 +178,15 @@ COMMANDS: dict[str, Command] = {
         _validate,
     ),
     "plan": Command(
-        "print the resolved recipe (defaults filled in) without running anything", _recipe_args, _plan
+        "print the resolved recipe, then what a run would fetch, its data, buckets, steps, cache status and "
+        "estimated GPU memory, without downloading or loading anything",
+        _plan_args,
+        _plan,
+    ),
+    "cache": Command(
+        "precompute the text-embedding (and, when on, latent) caches of a recipe's data; safe to re-run",
+        _recipe_args,
+        _cache,
     ),
     "import": Command("convert another trainer's configuration into a recipe", _import_args, _import),
     "sample": Command(

@@ -134,16 +134,19 @@ def safetensors_params(path: Path) -> int | None:
     if not files:
         return None
     total = 0
-    for f in files:
-        with open(f, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-        for key, info in header.items():
-            if key != "__metadata__":
-                count = 1
-                for d in info["shape"]:
-                    count *= d
-                total += count
+    try:
+        for f in files:
+            with open(f, "rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(size))
+            for key, info in header.items():
+                if key != "__metadata__":
+                    count = 1
+                    for d in info["shape"]:
+                        count *= d
+                    total += count
+    except (OSError, struct.error, ValueError, KeyError, TypeError):
+        return None  # not a readable safetensors file: the caller falls back to the known counts
     return total
 
 

@@ -76,6 +76,16 @@ def cross_field_problems(spec: Recipe, raw: dict[str, Any]) -> list[Found]:
                 "training.mode: lora, or base_weights: no_change",
             )
         )
+    if (t.mode == "full" and prec.mixed_precision == "bf16" and prec.bf16_mode == "bf16_weights"
+            and t.optimizer.name != "adamw_bf16"):
+        out.append(
+            (
+                ("training", "optimizer", "name"),
+                f"full fine-tuning with bf16 weights needs optimizer adamw_bf16 (stochastic rounding); "
+                f"{t.optimizer.name} would round most updates away in bf16. Use adamw_bf16, or "
+                "bf16_mode: autocast to keep fp32 weights",
+            )
+        )
     if _sub(raw, "training", "precision", "bf16_mode") is not None and prec.mixed_precision != "bf16":
         out.append(
             (

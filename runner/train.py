@@ -3,6 +3,10 @@
 setup -> (step -> log -> checkpoint -> validate)* -> export -> summary. Randomness comes from the global
 torch RNG, seeded from the recipe and saved in every checkpoint, so on the CPU N straight steps equal
 k steps + resume + N-k steps bit for bit.
+
+Under torchrun the same loop runs on every rank; runner/distributed.py owns the process group, the
+DDP / FSDP2 wrapping and the collectives. Rank 0 writes every file (checkpoints, logs, validation,
+exports); the others hand it their parts (RNG states, FSDP shards) and wait.
 """
 from __future__ import annotations
 
@@ -23,11 +27,19 @@ from runner.build import (
     build_text_encoder,
     pick_device,
 )
-from runner.checkpoint import load_checkpoint, prepare_output_dir, resolve_resume, save_checkpoint
+from runner.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    prepare_output_dir,
+    resolve_resume,
+    restore_rng_state,
+    save_checkpoint,
+)
 from runner.cli import dump_yaml
+from runner.distributed import Dist, session
 from runner.ema import EMA
 from runner.errors import UserError
-from runner.optim import all_finite, build_optimizer, build_scheduler, clip_gradients
+from runner.optim import all_finite, build_optimizer, build_scheduler
 from runner.recipe import LoadedRecipe
 from runner.run_log import RunLogger
 from runner.spec import Recipe
@@ -65,10 +77,6 @@ def total_steps(recipe: Recipe, steps_per_epoch: int) -> int:
     return max(1, training.num_epochs * math.ceil(steps_per_epoch / training.gradient_accumulation_steps))
 
 
-def trainable_state(prior: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in prior.named_parameters() if p.requires_grad}
-
-
 def _latents(batch: dict, effnet: nn.Module, latent_cache, batch_size: int,
              device: torch.device) -> torch.Tensor:
     """Stage C latents [B,16,h,w] (fp32, on device) of a loader batch: from the cache or the EfficientNet."""
@@ -103,15 +111,20 @@ def _text_pair(text, captions: list[str]):
 
 
 def train(loaded: LoadedRecipe) -> dict:
-    """Run the recipe to the end; returns the summary."""
+    """Run the recipe to the end; returns the summary (an empty dict on ranks other than 0)."""
+    with session(loaded.spec, pick_device(loaded.spec.device)) as dist:
+        return _train(loaded, dist)
+
+
+def _train(loaded: LoadedRecipe, dist: Dist) -> dict:
     recipe = loaded.spec
     training = recipe.training
-    device = pick_device(recipe.device)
+    device = dist.device
     autocast_dtype = _precision_setup(recipe, device)
     out = Path(recipe.output.dir)
     resume_from = resolve_resume(out, recipe.checkpoints.resume) if out.exists() else None
-    prepare_output_dir(out, resuming=resume_from is not None, overwrite=recipe.output.overwrite)
-    torch.manual_seed(training.seed)
+    dist.on_main(prepare_output_dir, out, resuming=resume_from is not None, overwrite=recipe.output.overwrite)
+    torch.manual_seed(training.seed)  # the same on every rank: identical LoRA init and frozen parts
 
     # ---- setup: models (frozen helpers first, then the prior), data, optimizer
     text = build_text_encoder(recipe, device)
@@ -120,7 +133,7 @@ def train(loaded: LoadedRecipe) -> dict:
     text.clip_img_dim = prior.config.c_clip_img
     prior.train(training.mode == "full")  # LoRA trains without dropout, as the official trainer does
     validation = None
-    if recipe.validation.enabled:
+    if recipe.validation.enabled and dist.is_main:
         from runner.train_validation import TrainingValidator
 
         decoders = build_decoders(recipe, device, need_full=recipe.validation.use_decoder)
@@ -134,8 +147,9 @@ def train(loaded: LoadedRecipe) -> dict:
         from runner.data.latent_cache import LatentCache
 
         latent_cache = LatentCache(recipe.data.cache.latents_dir, effnet_id)
-    loader, _ = build_loader(recipe, latent_cache=latent_cache)
+    loader, _ = build_loader(recipe, rank=dist.rank, world_size=dist.world_size, latent_cache=latent_cache)
     steps = total_steps(recipe, loader.steps_per_epoch())
+    model = dist.wrap(prior, training.mode)  # what the step calls; `prior` stays the plain (or sharded) StageC
     params = [p for p in prior.parameters() if p.requires_grad]
     opt = training.optimizer
     extra = {}
@@ -158,18 +172,15 @@ def train(loaded: LoadedRecipe) -> dict:
         adaptive = AdaptiveLossWeight().to(device)
     empty = text.empty()
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+    dist.diverge_rng(training.seed)  # each rank its own noise from here on (rank 0: unchanged)
 
     state = TrainState()
     if resume_from is not None:
-        ckpt = load_checkpoint(resume_from, map_location=device)
-        named = dict(prior.named_parameters())
-        with torch.no_grad():
-            for name, value in ckpt.trainable.items():
-                if name not in named:
-                    raise UserError(f"checkpoint {resume_from} holds {name!r}, which this recipe's model "
-                                    "lacks; resume with the recipe that wrote it (its recipe.yaml)")
-                named[name].copy_(value)
-        optimizer.load_state_dict(ckpt.optimizer)
+        # FSDP: the full optimizer state stays on the host; set_optimizer_state_dict shards it
+        ckpt = load_checkpoint(resume_from, map_location="cpu" if dist.fsdp else device, restore_rng=False)
+        dist.check_world_size(ckpt.rng_states, resume_from)
+        dist.load_trainable(prior, ckpt.trainable, resume_from)
+        dist.load_optimizer(prior, optimizer, ckpt.optimizer)
         scheduler.load_state_dict(ckpt.scheduler)
         if ema is not None and ckpt.ema is not None:
             ema.load_state_dict(ckpt.ema)
@@ -180,40 +191,55 @@ def train(loaded: LoadedRecipe) -> dict:
         except ValueError as err:
             raise UserError(f"resume from {resume_from}: {err}") from None
         state.step, state.samples = ckpt.step, int(ckpt.data_cursor.get("samples", 0))
+        restore_rng_state(ckpt.rng_states[dist.rank])  # last: nothing random may run after it
 
     logger = RunLogger(out, report_to=recipe.logging.report_to, total_steps=steps, start_step=state.step,
-                       progress_bar=recipe.logging.progress_bar, run_name=recipe.logging.run_name,
+                       is_main=dist.is_main, progress_bar=recipe.logging.progress_bar,
+                       run_name=recipe.logging.run_name,
                        wandb_project=recipe.logging.wandb_project or "cascade-runner", device=device)
 
     def checkpoint() -> None:
-        path = save_checkpoint(
-            out, state.step, trainable=trainable_state(prior), optimizer_state=optimizer.state_dict(),
-            scheduler_state=scheduler.state_dict(),
-            data_cursor={"loader": loader.state_dict(), "samples": state.samples},
-            recipe_text=dump_yaml(loaded.resolved),
-            ema_state=ema.state_dict() if ema is not None else None,
-            loss_weight_state=adaptive.state_dict() if adaptive is not None else None,
-            keep_last=recipe.checkpoints.keep_last)
-        logger.add_file(path.parent)
+        """Every rank hands over its part (FSDP shards, RNG state); rank 0 writes the folder."""
+        trainable, optimizer_state = dist.trainable_state(prior), dist.optimizer_state(prior, optimizer)
+        rng_states = dist.gather_objects(capture_rng_state())
+
+        def write() -> None:
+            path = save_checkpoint(
+                out, state.step, trainable=trainable, optimizer_state=optimizer_state,
+                scheduler_state=scheduler.state_dict(),
+                data_cursor={"loader": loader.state_dict(), "samples": state.samples},
+                recipe_text=dump_yaml(loaded.resolved),
+                ema_state=ema.state_dict() if ema is not None else None,
+                loss_weight_state=adaptive.state_dict() if adaptive is not None else None,
+                keep_last=recipe.checkpoints.keep_last, rng_states=rng_states)
+            logger.add_file(path.parent)
+
+        dist.on_main(write)
 
     def validate() -> None:
-        if validation is None:
+        """Rank 0 samples with the plain prior (FSDP: a gathered copy) while the others wait."""
+        if not recipe.validation.enabled:
             return
-        if ema is not None:
-            with ema.swap_into(prior):
-                written = validation.run(prior, state.step)
-        else:
-            written = validation.run(prior, state.step)
-        logger.add_file(written)
+        plain = dist.plain_prior(prior, device)
 
-    if validation is not None and recipe.validation.at_start and state.step == 0:
+        def run() -> None:
+            if ema is not None:
+                with ema.swap_into(plain):
+                    written = validation.run(plain, state.step)
+            else:
+                written = validation.run(plain, state.step)
+            logger.add_file(written)
+
+        dist.on_main(run)
+
+    if recipe.validation.at_start and state.step == 0:
         validate()
 
     # ---- the loop
     accum = training.gradient_accumulation_steps
     micro = 0
     started = time.perf_counter()
-    window_loss = 0.0
+    window_loss, window_samples = 0.0, 0
     while state.step < steps:
         micro_before = micro
         for batch in loader:
@@ -222,20 +248,26 @@ def train(loaded: LoadedRecipe) -> dict:
             latents = _latents(batch, effnet, latent_cache, recipe.data.cache.encoder_batch_size, device)
             cond = _conditioning(batch["captions"], text, text_cache, empty, training.caption_dropout,
                                  recipe.data.cache.encoder_batch_size, device)
-            result = stage_c_loss(prior, latents, cond, training, step=state.step,
-                                  autocast_dtype=autocast_dtype, adaptive=adaptive)
-            loss = result.loss / accum
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            with dist.accumulating(model, sync=(micro + 1) % accum == 0):  # reduce grads on the last only
+                result = stage_c_loss(model, latents, cond, training, step=state.step,
+                                      autocast_dtype=autocast_dtype, adaptive=adaptive)
+                loss = result.loss / accum
+                (scaler.scale(loss) if scaler is not None else loss).backward()
             window_loss += float(result.loss.detach())
-            if adaptive is not None and bool(torch.isfinite(result.raw).all()):
-                adaptive.update(result.logsnr, result.raw)
-            state.samples += latents.shape[0]
+            if adaptive is not None:  # every rank updates with the global batch, so they stay equal
+                raw, logsnr = dist.gather_cat(result.raw), dist.gather_cat(result.logsnr)
+                if bool(torch.isfinite(raw).all()):
+                    adaptive.update(logsnr, raw)
+            window_samples += latents.shape[0]
             micro += 1
             if micro % accum:
                 continue
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            grad_norm = clip_gradients(params, training.max_grad_norm)
+            grad_norm = dist.clip_gradients(params, training.max_grad_norm)
+            window_loss, window_samples = dist.sum_floats(window_loss, window_samples)
+            window_loss /= dist.world_size  # the mean over ranks of each rank's mean micro-batch loss
+            state.samples += int(window_samples)
             finite = all_finite(torch.tensor(window_loss), grad_norm)
             if finite:
                 if scaler is not None:
@@ -253,7 +285,7 @@ def train(loaded: LoadedRecipe) -> dict:
             if finite and ema is not None:
                 ema.update(state.step)
             mean_loss = window_loss / accum
-            window_loss = 0.0
+            window_loss, window_samples = 0.0, 0
             lr = scheduler.get_last_lr()[0]
             logger.progress(state.step, loss=mean_loss, lr=lr)
             if state.step % recipe.logging.every_n_steps == 0 or state.step == steps:
@@ -285,6 +317,11 @@ def train(loaded: LoadedRecipe) -> dict:
     # ---- the end: exports and the summary
     from runner.export import export_training_result
 
-    for path in export_training_result(recipe, prior, ema, out):
-        logger.add_file(path)
+    plain = dist.plain_prior(prior, torch.device("cpu"))  # FSDP: gathered on rank 0's host
+
+    def export() -> None:
+        for path in export_training_result(recipe, plain, ema, out):
+            logger.add_file(path)
+
+    dist.on_main(export)
     return logger.finish(step=state.step, samples=state.samples, skipped_steps=state.skipped_nonfinite)

@@ -32,7 +32,10 @@ NORM_EPS = 1e-6
 
 
 class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channel axis of an NCHW tensor (no affine parameters by default)."""
+    """LayerNorm over the channel axis of an NCHW tensor (no affine parameters by default).
+
+    On a channels-last tensor (what StageC runs on) both permutes are free views: no copy.
+    """
 
     def __init__(self, c: int, *, elementwise_affine: bool = False, eps: float = NORM_EPS, **kwargs) -> None:
         super().__init__(c, elementwise_affine=elementwise_affine, eps=eps, **kwargs)
@@ -52,9 +55,11 @@ class GlobalResponseNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x [B, H, W, C]; G is the L2 norm over H, W per sample and channel
-        g = torch.norm(x, p=2, dim=(1, 2), keepdim=True)  # [B, 1, 1, C]
+        g = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)  # [B, 1, 1, C]
         n = g / (g.mean(dim=-1, keepdim=True) + NORM_EPS)
-        return self.gamma * (x * n) + self.beta + x
+        # gamma * (x * n) + beta + x, rewritten as x * (gamma * n + 1) + beta: one pass over the
+        # [B, H, W, 4c] activation instead of four, and one full-size tensor kept for backward, not two.
+        return torch.addcmul(self.beta, x, self.gamma * n + 1)
 
 
 def _channel_mlp(c_in: int, c: int, dropout: float, device, dtype) -> nn.Sequential:
@@ -118,7 +123,7 @@ class TimestepBlock(nn.Module):
         for i, name in enumerate(self.conds):
             ac, bc = getattr(self, f"mapper_{name}")(chunks[i + 1])[:, :, None, None].chunk(2, dim=1)
             a, b = a + ac, b + bc
-        return x * (1 + a) + b
+        return torch.addcmul(b, x, 1 + a)  # x * (1 + a) + b in one pass; keeps x's memory format
 
 
 class MultiheadAttention(nn.Module):
@@ -149,24 +154,28 @@ class MultiheadAttention(nn.Module):
             out = out + adapter(tokens)
         return out
 
-    def _heads(self, t: Tensor) -> Tensor:
-        b, n, _ = t.shape
-        return t.view(b, n, self.num_heads, -1).transpose(1, 2)  # [B, nh, N, hd]
-
     def forward(self, x: Tensor, context: Tensor, self_attn: bool = True) -> Tensor:
         """x [B, L, c] queries; context [B, S, c] extra keys/values (appended after x if self_attn)."""
         c, n = self.embed_dim, x.shape[1]
+        # q/k/v are strided views of the fused projection, [B, N, nh, hd] each (unbind, not three
+        # slices: its backward writes one stacked gradient instead of three zero-filled full copies).
         if self_attn:
-            qkv = self.project_in(torch.cat([x, context], dim=1))  # [B, L+S, 3c]
-            q, k, v = qkv[:, :n, :c], qkv[..., c : 2 * c], qkv[..., 2 * c :]
+            q, k, v = self._split(self.project_in(torch.cat([x, context], dim=1)))  # N = L + S
+            q = q[:, :n]
         else:
-            q = self.project_in(x)[..., :c]
-            kv = self.project_in(context)
-            k, v = kv[..., c : 2 * c], kv[..., 2 * c :]
+            q = self._split(self.project_in(x))[0]
+            _, k, v = self._split(self.project_in(context))
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), dropout_p=p)
+        # [B, nh, N, hd] views; the flash / cuDNN / efficient kernels take them without a copy
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p
+        )
         out = out.transpose(1, 2).reshape(x.shape[0], n, c)  # [B, L, c]
         return self.out_proj(out)
+
+    def _split(self, qkv: Tensor) -> tuple[Tensor, ...]:
+        """[B, N, 3c] -> (q, k, v), each a [B, N, nh, hd] view."""
+        return qkv.unflatten(-1, (3, self.num_heads, -1)).unbind(2)
 
 
 class Attention2D(nn.Module):
@@ -178,9 +187,9 @@ class Attention2D(nn.Module):
 
     def forward(self, x: Tensor, kv: Tensor, self_attn: bool = True) -> Tensor:
         b, c, h, w = x.shape
-        tokens = x.view(b, c, h * w).permute(0, 2, 1)  # [B, HW, c]
+        tokens = x.reshape(b, c, h * w).permute(0, 2, 1)  # [B, HW, c]; a free view when channels-last
         out = self.attn(tokens, kv, self_attn=self_attn)
-        return out.permute(0, 2, 1).reshape(b, c, h, w)
+        return out.permute(0, 2, 1).reshape(b, c, h, w)  # a channels-last view of [B, HW, c]
 
 
 class AttnBlock(nn.Module):

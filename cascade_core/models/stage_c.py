@@ -189,6 +189,10 @@ class StageC(nn.Module):
         cfg = config or StageCConfig()
         self.config = cfg
         self.gradient_checkpointing = cfg.gradient_checkpointing
+        # Activations run channels-last (NHWC in memory, NCHW in shape): the norms, GRN, the channel
+        # MLPs and the attention tokens all work on the channel axis, so their permutes become free
+        # views instead of copies. A speed switch, not state: contiguous_format gives the same numbers.
+        self.memory_format = torch.channels_last
         kw = {"device": device, "dtype": dtype}
         c_cond, hidden = cfg.c_cond, cfg.c_hidden
 
@@ -351,7 +355,7 @@ class StageC(nn.Module):
         r_embed = self.embed_r(r, sca=sca, crp=crp).to(dtype)  # [B, c_r * (1 + n_conds)]
         clip = self.embed_clip(clip_text.to(dtype), clip_text_pooled.to(dtype), clip_img.to(dtype))
 
-        x = self.embedding(x)  # [B, c_hidden[0], H, W]
+        x = self.embedding(x.contiguous(memory_format=self.memory_format))  # [B, c_hidden[0], H, W]
         levels: list[Tensor] = []
         for blocks, downscaler, repmap in zip(
             self.down_blocks, self.down_downscalers, self.down_repeat_mappers, strict=True
@@ -379,4 +383,4 @@ class StageC(nn.Module):
                 if rep < len(repmap):
                     x = repmap[rep](x)
             x = upscaler(x)
-        return self.clf(x)
+        return self.clf(x).contiguous()  # [B, c_out, H, W], plain NCHW for the caller
