@@ -6,6 +6,7 @@ caches are keyed exactly as training keys them (encoder identity from `runner.bu
 loader's plan), entries are written atomically, and existing entries are skipped, so an interrupted run
 loses at most the batch in flight and a re-run continues where it stopped.
 """
+
 from __future__ import annotations
 
 import time
@@ -52,8 +53,14 @@ def cache_text(recipe: Recipe, captions: list[str], device: torch.device, progre
             cache.precompute(chunk, encode, batch)
             bar.update(len(chunk))
     seconds = time.perf_counter() - started
-    return {"encoder": text.identity, "captions": len(captions), "hits": len(captions) - len(todo),
-            "misses": len(todo), "seconds": round(seconds, 2), "prompts_per_s": _rate(len(todo), seconds)}
+    return {
+        "encoder": text.identity,
+        "captions": len(captions),
+        "hits": len(captions) - len(todo),
+        "misses": len(todo),
+        "seconds": round(seconds, 2),
+        "prompts_per_s": _rate(len(todo), seconds),
+    }
 
 
 def _epoch_batches(loader) -> Iterable[dict]:
@@ -85,9 +92,15 @@ def cache_latents(recipe: Recipe, device: torch.device, progress: bool = True) -
                 cache.complete(batch, encode, recipe.data.cache.encoder_batch_size)
             bar.update(len(batch["keys"]) + len(batch["skipped"]))
     seconds = time.perf_counter() - started
-    return {"encoder": identity, "crops": total, "hits": cache.hits, "misses": cache.misses,
-            "undecodable": len(skipped), "seconds": round(seconds, 2),
-            "images_per_s": _rate(cache.misses, seconds)}
+    return {
+        "encoder": identity,
+        "crops": total,
+        "hits": cache.hits,
+        "misses": cache.misses,
+        "undecodable": len(skipped),
+        "seconds": round(seconds, 2),
+        "images_per_s": _rate(cache.misses, seconds),
+    }
 
 
 def run_cache(recipe_path: str, overrides: list[str], progress: bool | None = None) -> int:
@@ -99,32 +112,40 @@ def run_cache(recipe_path: str, overrides: list[str], progress: bool | None = No
     recipe = loaded.spec
     cache = recipe.data.cache
     if not cache.text_embeddings and not cache.latents:
-        raise UserError("data.cache.text_embeddings and data.cache.latents are both off, so training would "
-                        "not read a cache; turn one on (e.g. data.cache.text_embeddings=true)")
+        raise UserError(
+            "data.cache.text_embeddings and data.cache.latents are both off, so training would "
+            "not read a cache; turn one on (e.g. data.cache.text_embeddings=true)"
+        )
     progress = recipe.logging.progress_bar if progress is None else progress
     device = pick_device(recipe.device)
     index, _, rows = index_data(recipe)
     for row in rows:
         if "error" in row:
             raise UserError(f"data source {row['name']}: {row['error']}")
-        print(f"{row['name']}: {row['samples']} samples, {row['skipped']['count']} skipped, "
-              f"{row['filtered']['count']} filtered (see `runner plan` for the reasons)")
+        print(
+            f"{row['name']}: {row['samples']} samples, {row['skipped']['count']} skipped, "
+            f"{row['filtered']['count']} filtered (see `runner plan` for the reasons)"
+        )
     if not index.entries:
         raise UserError("data: no usable samples in any source; run `runner plan` on the recipe to see why")
     try:
         if cache.text_embeddings:
             t = cache_text(recipe, all_captions(index), device, progress)
-            print(f"text embeddings ({cache.text_embeddings_dir}, encoder {t['encoder']}): {t['captions']} "
-                  f"captions, {t['hits']} hits, {t['misses']} misses encoded in {t['seconds']} s "
-                  f"({t['prompts_per_s']} prompts/s)")
+            print(
+                f"text embeddings ({cache.text_embeddings_dir}, encoder {t['encoder']}): {t['captions']} "
+                f"captions, {t['hits']} hits, {t['misses']} misses encoded in {t['seconds']} s "
+                f"({t['prompts_per_s']} prompts/s)"
+            )
         else:
             print("text embeddings: data.cache.text_embeddings is off (training encodes captions each step)")
         if cache.latents:
             lat = cache_latents(recipe, device, progress)
-            print(f"latents ({cache.latents_dir}, encoder {lat['encoder']}): {lat['crops']} crops, "
-                  f"{lat['hits']} hits, {lat['misses']} misses encoded in {lat['seconds']} s "
-                  f"({lat['images_per_s']} images/s)"
-                  + (f", {lat['undecodable']} undecodable images left out" if lat["undecodable"] else ""))
+            print(
+                f"latents ({cache.latents_dir}, encoder {lat['encoder']}): {lat['crops']} crops, "
+                f"{lat['hits']} hits, {lat['misses']} misses encoded in {lat['seconds']} s "
+                f"({lat['images_per_s']} images/s)"
+                + (f", {lat['undecodable']} undecodable images left out" if lat["undecodable"] else "")
+            )
         else:
             print("latents: data.cache.latents is off (turn it on to cache EfficientNet latents too)")
     except KeyboardInterrupt:

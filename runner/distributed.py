@@ -7,7 +7,7 @@ are no-ops, so train.py has one code path and a single process behaves exactly a
 Choices written down here because they shape the checkpoints:
 - LoRA (and full fine-tuning with strategy ddp) uses DistributedDataParallel. Only parameters with
   requires_grad get gradient hooks, so LoRA reduces adapter gradients only. Frozen weights are not
-  re-broadcast each forward (`broadcast_buffers=False`): they are constants loaded from the same file.
+  re-broadcast each forward (`forward_sync_buffers=False`; they are synced once at init): they are constants loaded from the same file.
 - Full fine-tuning with strategy fsdp uses FSDP2 (`fully_shard` on every UNet block, then the root).
   Checkpoints stay one folder in the single-process format: rank 0 gathers the full trainable weights
   and the full optimizer state (`full_state_dict=True, cpu_offload=True`, keyed by parameter name).
@@ -180,7 +180,7 @@ class Dist:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(prior, device_ids=ids, broadcast_buffers=False,
+        return DistributedDataParallel(prior, device_ids=ids, forward_sync_buffers=False,
                                        find_unused_parameters=self.spec.find_unused_parameters,
                                        bucket_cap_mb=self.spec.bucket_cap_mb)
 
@@ -256,13 +256,15 @@ class Dist:
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-            set_model_state_dict(prior, trainable, options=StateDictOptions(full_state_dict=True, strict=False))
+            options = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(prior, trainable, options=options)
             return
         with torch.no_grad():
             for name, value in trainable.items():
                 named[name].copy_(value)
 
-    def load_optimizer(self, prior: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    def load_optimizer(self, prior: nn.Module, optimizer: torch.optim.Optimizer,
+                       state: dict[str, Any]) -> None:
         if not self.fsdp:
             optimizer.load_state_dict(state)
             return
@@ -293,7 +295,8 @@ class Dist:
             if not self.active or isinstance(err, UserError) or not _is_comm_failure(err):
                 raise
             raise RankLostError(
-                f"rank {self.rank} of {self.world_size}: a collective with the other ranks failed ({err!s:.300}). "
+                f"rank {self.rank} of {self.world_size}: a collective with the other ranks failed "
+                f"({err!s:.300}). "
                 f"Another rank died or stalled for more than distributed.timeout_s="
                 f"{self.spec.timeout_s} s; see its log (torchrun prints which rank failed first). Restart "
                 "with `checkpoints.resume: latest` and the same number of processes.") from None

@@ -17,6 +17,8 @@ __all__ = [
     "HubError",
     "looks_like_repo_id",
     "model_file_patterns",
+    "folder_kind",
+    "folder_is_present",
     "download_model_files",
     "resolve_model_source",
 ]
@@ -34,21 +36,55 @@ def looks_like_repo_id(source: str) -> bool:
     return bool(_REPO_ID.match(source)) and not Path(source).expanduser().exists()
 
 
+TRANSFORMERS_WEIGHTS = "model"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.json", "added_tokens.json")
+FOLDER_KINDS = ("diffusers", "transformers", "tokenizer")
+
+
+def folder_kind(subfolder: str | None) -> str:
+    """How a repo folder is laid out, from its conventional name: `tokenizer*` holds tokenizer files,
+    `text_encoder*` / `image_encoder` a transformers model, anything else a diffusers model."""
+    name = (subfolder or "").strip("/").rsplit("/", 1)[-1]
+    if name.startswith("tokenizer"):
+        return "tokenizer"
+    if name.startswith(("text_encoder", "image_encoder")):
+        return "transformers"
+    return "diffusers"
+
+
 def model_file_patterns(
-    subfolder: str | None = None, filename: str | None = None, variant: str | None = None
+    subfolder: str | None = None, filename: str | None = None, variant: str | None = None,
+    kind: str | None = None,
 ) -> list[str]:
-    """allow_patterns for one model: the named file, or a diffusers subfolder's config, index and weights
-    (only the requested variant, so a 'prior' download never also pulls the bf16 copy)."""
+    """allow_patterns for one model: the named file, or a folder's config, index and weights (only the
+    requested variant, so a 'prior' download never also pulls the bf16 copy), or a tokenizer's files.
+    `kind` (diffusers | transformers | tokenizer) defaults to `folder_kind(subfolder)`."""
     base = f"{subfolder.strip('/')}/" if subfolder else ""
     if filename:
         return [base + filename]
+    kind = kind or folder_kind(subfolder)
+    if kind not in FOLDER_KINDS:
+        raise ValueError(f"unknown folder kind {kind!r}; use one of {FOLDER_KINDS}")
+    if kind == "tokenizer":
+        return [base + name for name in TOKENIZER_FILES]
+    weights = WEIGHTS_NAME if kind == "diffusers" else TRANSFORMERS_WEIGHTS
     v = f".{variant}" if variant else ""
     return [
         f"{base}config.json",
-        f"{base}{WEIGHTS_NAME}{v}.safetensors",
-        f"{base}{WEIGHTS_NAME}.safetensors.index{v}.json",
-        f"{base}{WEIGHTS_NAME}-*-of-*{v}.safetensors",
-    ] + ([f"{base}{WEIGHTS_NAME}{v}-*-of-*.safetensors"] if variant else [])
+        f"{base}{weights}{v}.safetensors",
+        f"{base}{weights}.safetensors.index{v}.json",
+        f"{base}{weights}-*-of-*{v}.safetensors",
+    ] + ([f"{base}{weights}{v}-*-of-*.safetensors"] if variant else [])
+
+
+def folder_is_present(target: Path, kind: str) -> bool:
+    """Whether a downloaded folder holds what its kind needs (weights, or a tokenizer vocabulary)."""
+    if not target.is_dir():
+        return False
+    if kind == "tokenizer":
+        return (target / "vocab.json").is_file() or (target / "tokenizer.json").is_file()
+    return any(target.glob("*.safetensors*"))
 
 
 def _fix_hint(repo_id: str, patterns: list[str], revision: str | None) -> str:
@@ -112,7 +148,7 @@ def download_model_files(
     target = root / subfolder if subfolder else root
     if filename:
         target = target / filename
-    present = target.exists() and (target.is_file() or any(target.glob("*.safetensors*")))
+    present = target.is_file() if filename else folder_is_present(target, folder_kind(subfolder))
     if not present:
         raise HubError(
             f"{where}: no matching files (looked for {patterns}); check subfolder / filename / variant"

@@ -26,6 +26,7 @@ parameter; full fine-tuning: gradient in the weight dtype + optimizer moments (O
 Frozen helpers on the same device (text encoder, EfficientNet, validation decoders) are fp32.
 Figures are what PyTorch allocates; the CUDA context adds about 0.5-1 GiB.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,9 +90,14 @@ def prior_sizes(recipe: Recipe) -> PriorSizes:
     model = meta_model()
     params = sum(p.numel() for p in model.parameters())
     n = len(cfg.c_hidden)
-    width = sum(cfg.c_hidden[i] * (cfg.blocks[0][i] * cfg.block_repeat[0][i]
-                                   + cfg.blocks[1][n - 1 - i] * cfg.block_repeat[1][n - 1 - i])
-                for i in range(n))
+    width = sum(
+        cfg.c_hidden[i]
+        * (
+            cfg.blocks[0][i] * cfg.block_repeat[0][i]
+            + cfg.blocks[1][n - 1 - i] * cfg.block_repeat[1][n - 1 - i]
+        )
+        for i in range(n)
+    )
     lora = 0
     if recipe.training.mode == "lora":
         from runner.build import attach_lora
@@ -154,8 +160,9 @@ def _bytes(dtype: str) -> int:
     return {"fp32": 4, "bf16": 2, "int8": 1}[dtype]
 
 
-def estimate_memory(recipe: Recipe, sizes: PriorSizes, latent_hw: tuple[int, int],
-                    helper_params: dict[str, int]) -> dict:
+def estimate_memory(
+    recipe: Recipe, sizes: PriorSizes, latent_hw: tuple[int, int], helper_params: dict[str, int]
+) -> dict:
     """The estimate as a dict of GiB figures, each part named, plus the formula in words."""
     training, precision = recipe.training, recipe.training.precision
     bf16 = precision.mixed_precision == "bf16"
@@ -190,18 +197,22 @@ def estimate_memory(recipe: Recipe, sizes: PriorSizes, latent_hw: tuple[int, int
     total = weights_total + trainable + activations + autocast_copies + sum(helpers.values())
     gib = lambda x: round(x / GIB, 2)  # noqa: E731
     return {
-        "weights_gib": gib(weights_total), "weights_dtype": stored,
-        "trainable_state_gib": gib(trainable), "trainable_note": trainable_note,
+        "weights_gib": gib(weights_total),
+        "weights_dtype": stored,
+        "trainable_state_gib": gib(trainable),
+        "trainable_note": trainable_note,
         "activations_gib": gib(activations + autocast_copies),
-        "activations_note": (f"k={ACTIVATION_BYTES[(compute, ckpt)]} B x batch {b} x {h}x{w} latents x "
-                             f"S={sizes.block_width:,} ({compute}, gradient checkpointing "
-                             f"{'on' if ckpt else 'off'})"
-                             + (" + bf16 weight copies saved by autocast" if autocast_copies else "")),
+        "activations_note": (
+            f"k={ACTIVATION_BYTES[(compute, ckpt)]} B x batch {b} x {h}x{w} latents x "
+            f"S={sizes.block_width:,} ({compute}, gradient checkpointing "
+            f"{'on' if ckpt else 'off'})"
+            + (" + bf16 weight copies saved by autocast" if autocast_copies else "")
+        ),
         "stage_c_step_gib": gib(total - sum(helpers.values())),
         "helpers_gib": {k: gib(v) for k, v in helpers.items()},
         "total_gib": gib(total),
         "formula": "weights + trainable state + k*B*h*w*S (+ frozen fp32 helpers); calibrated on H200 "
-                   "measurements, see runner/memory_estimate.py",
+        "measurements, see runner/memory_estimate.py",
     }
 
 
@@ -218,8 +229,14 @@ def rollout_cost(recipe: Recipe, steps: int | None) -> dict | None:
     p_end = ss.probability if ss.ramp == "none" else ss.probability_end
 
     def p_at(step: int) -> float:
-        return rollout_probability(step, shape=shape, p_start=ss.probability_start, p_end=p_end,
-                                   ramp_steps=ss.ramp_steps, start_step=ss.start_step)
+        return rollout_probability(
+            step,
+            shape=shape,
+            p_start=ss.probability_start,
+            p_end=p_end,
+            ramp_steps=ss.ramp_steps,
+            start_step=ss.start_step,
+        )
 
     n = steps or 1
     sample = range(0, n, max(1, n // 2000))  # the run's mean p, from at most ~2000 evaluations
@@ -227,9 +244,11 @@ def rollout_cost(recipe: Recipe, steps: int | None) -> dict | None:
     b = recipe.training.batch_size * recipe.training.gradient_accumulation_steps
     return {
         "mean_offset": round(mean_k, 3),
-        "p_first_step": p_at(0), "p_last_step": p_at(n - 1), "p_mean": round(p_mean, 4),
+        "p_first_step": p_at(0),
+        "p_last_step": p_at(n - 1),
+        "p_mean": round(p_mean, 4),
         "extra_forwards_per_step": round(p_mean * mean_k, 3),
         "extra_sample_forwards_per_step": round(p_mean * mean_k * b, 2),
         "note": "no-grad forward passes, in units of one full-batch forward (extra per-sample forwards = "
-                "that x batch x accumulation); logged as rollout_forwards",
+        "that x batch x accumulation); logged as rollout_forwards",
     }

@@ -23,7 +23,13 @@ from torch import nn
 
 from runner.spec import PerformanceSpec
 
-__all__ = ["ATTENTION_BACKENDS", "PerformanceReport", "apply_performance", "compile_blocks", "set_attention_backend"]
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "PerformanceReport",
+    "apply_performance",
+    "compile_blocks",
+    "set_attention_backend",
+]
 
 # Recipe name -> the SDPA kernels it enables (every other one is disabled).
 ATTENTION_BACKENDS: dict[str, frozenset[str]] = {
@@ -66,16 +72,19 @@ def _stage_blocks(prior: nn.Module) -> list[nn.Module]:
     groups = [getattr(prior, name, None) for name in ("down_blocks", "up_blocks")]
     if any(g is None for g in groups):
         raise ValueError(
-            f"compile: blocks needs a model with down_blocks and up_blocks (Stage C); got {type(prior).__name__}"
+            "performance.compile: blocks needs a model with down_blocks and up_blocks (Stage C); "
+            f"got {type(prior).__name__}"
         )
     return [blk for group in groups for level in group for blk in level]
 
 
-def compile_blocks(prior: nn.Module, mode: str = "default") -> int:
-    """torch.compile every Stage C block in place (keys unchanged); returns how many were wrapped."""
+def compile_blocks(prior: nn.Module, mode: str = "default", *, backend: str = "inductor") -> int:
+    """torch.compile every Stage C block in place (keys unchanged); returns how many were wrapped.
+
+    Compilation happens lazily at the first forward. `backend="eager"` only traces (tests)."""
     blocks = _stage_blocks(prior)
     for blk in blocks:
-        blk.compile(mode=None if mode == "default" else mode)
+        blk.compile(mode=None if mode == "default" else mode, backend=backend)
     return len(blocks)
 
 

@@ -6,6 +6,7 @@ count, how much of the text/latent caches is already filled, and whether the run
 Hub access is only `try_to_load_from_cache` and a look into the local cache folder; data sources are
 indexed from headers (images and tar members), never decoded; Stage C is built on the meta device.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,12 +54,12 @@ def _pattern_status(repo: str, revision: str | None, snap: Path | None, pattern:
 
 def describe_source(spec: SourceSpec | WeightsSourceSpec, role: str) -> dict[str, Any]:
     """Where one model comes from, and the local path build.resolve_source would return (or None)."""
-    from runner.hub import looks_like_repo_id, model_file_patterns
+    from runner.hub import folder_is_present, folder_kind, looks_like_repo_id, model_file_patterns
 
     sub, name = spec.subfolder or None, spec.filename
     if not looks_like_repo_id(spec.path):
         root = Path(spec.path).expanduser().absolute()
-        local = ((root / sub / name if sub else root / name) if name else root)
+        local = (root / sub / name if sub else root / name) if name else root
         return {"role": role, "kind": "local", "path": str(local), "exists": local.exists(), "local": local}
     patterns = model_file_patterns(sub, name, None)
     snap = _hub_snapshot(spec.path, spec.revision)
@@ -67,17 +68,28 @@ def describe_source(spec: SourceSpec | WeightsSourceSpec, role: str) -> dict[str
     if snap is not None:  # the same "present" rule as runner.hub.download_model_files
         target = snap / sub if sub else snap
         target = target / name if name else target
-        present = target.is_file() if name else target.is_dir() and any(target.glob("*.safetensors*"))
+        present = target.is_file() if name else folder_is_present(target, folder_kind(sub))
         local = (target if name else snap) if present else None
-    return {"role": role, "kind": "hub", "repo": spec.path, "revision": spec.revision or "main",
-            "files": files, "cached": local is not None, "local": local}
+    return {
+        "role": role,
+        "kind": "hub",
+        "repo": spec.path,
+        "revision": spec.revision or "main",
+        "files": files,
+        "cached": local is not None,
+        "local": local,
+    }
 
 
 def model_sources(recipe: Recipe) -> list[dict[str, Any]]:
     """Every model the run loads, in build order (decoders only when validation uses them)."""
     m, v = recipe.model, recipe.validation
-    out = [describe_source(m.prior, "model.prior"), describe_source(m.text_encoder, "model.text_encoder"),
-           describe_source(m.tokenizer, "model.tokenizer"), describe_source(m.effnet, "model.effnet")]
+    out = [
+        describe_source(m.prior, "model.prior"),
+        describe_source(m.text_encoder, "model.text_encoder"),
+        describe_source(m.tokenizer, "model.tokenizer"),
+        describe_source(m.effnet, "model.effnet"),
+    ]
     if v.enabled and m.previewer is not None:
         out.append(describe_source(m.previewer, "model.previewer"))
     if v.enabled and v.use_decoder and m.decoder is not None:
@@ -101,8 +113,10 @@ def encoder_identities(recipe: Recipe, sources: list[dict[str, Any]]) -> tuple[s
     by_role = {s["role"]: s for s in sources}
     text_dir = _weights_path(by_role["model.text_encoder"], recipe.model.text_encoder, subfolder=True)
     effnet = _weights_path(by_role["model.effnet"], recipe.model.effnet, subfolder=False)
-    return (("clip:" + weights_identity(text_dir)) if text_dir else None,
-            ("effnet:" + weights_identity(effnet)) if effnet else None)
+    return (
+        ("clip:" + weights_identity(text_dir)) if text_dir else None,
+        ("effnet:" + weights_identity(effnet)) if effnet else None,
+    )
 
 
 # ---------------------------------------------------------------- data
@@ -128,17 +142,27 @@ def index_data(recipe: Recipe):
     from runner.data.loader import DataIndex, Entry, LoaderConfig
     from runner.data.sources import IndexReport, index_source
 
-    cfg = LoaderConfig(batch_size=recipe.training.batch_size, seed=recipe.training.seed,
-                       workers=recipe.data.workers, **loader_settings(recipe))
+    cfg = LoaderConfig(
+        batch_size=recipe.training.batch_size,
+        seed=recipe.training.seed,
+        workers=recipe.data.workers,
+        **loader_settings(recipe),
+    )
     buckets = parse_buckets(list(cfg.buckets), cfg.resolution)
     shard_cache = str(Path(recipe.data.cache.latents_dir).parent / "shards")
     specs = data_sources(recipe)
     entries, reports, filtered, rows = [], [], [], []
-    for s, (spec, rs) in enumerate(zip(specs, recipe.data.sources)):
-        row: dict[str, Any] = {"name": rs.name, "type": rs.type, "path": rs.path, "repeats": rs.repeats,
-                               "probability": rs.probability}
+    for s, (spec, rs) in enumerate(zip(specs, recipe.data.sources, strict=True)):
+        row: dict[str, Any] = {
+            "name": rs.name,
+            "type": rs.type,
+            "path": rs.path,
+            "repeats": rs.repeats,
+            "probability": rs.probability,
+        }
         remote = spec.type == "webdataset" and any(
-            "://" in u or u.startswith("pipe:") for u in wds.shardlists.expand_urls(rs.path))
+            "://" in u or u.startswith("pipe:") for u in wds.shardlists.expand_urls(rs.path)
+        )
         report, dropped = IndexReport(), []
         if remote:
             row["error"] = "remote shards: not indexed (counting them would download them)"
@@ -152,8 +176,11 @@ def index_data(recipe: Recipe):
                 dropped.append((ref.uid, f"{ref.width}x{ref.height} below minimum_image_size"))
             else:
                 entries.append(Entry(s, ref, closest_bucket(ref.width, ref.height, buckets)))
-        row.update(samples=len(report.samples) - len(dropped), skipped=_summary(report.skipped),
-                   filtered=_summary(dropped))
+        row.update(
+            samples=len(report.samples) - len(dropped),
+            skipped=_summary(report.skipped),
+            filtered=_summary(dropped),
+        )
         reports.append(report)
         filtered.append(dropped)
         rows.append(row)
@@ -173,8 +200,14 @@ def planned_latent_keys(index, cfg, latent_cache, epoch: int = 0) -> list[str]:
             e = index.entries[i]
             rng = random.Random(f"crop:{cfg.seed}:{e.source}:{e.ref.uid}:{rep}")
             p = plan_crop(e.ref.width, e.ref.height, pb.bucket, cfg.size_rules, cfg.crop_style, rng)
-            keys.append(latent_cache.key(index.sources[e.source].identity, e.ref.uid, (pb.bucket.h, pb.bucket.w),
-                                         (p.resize_w, p.resize_h, p.top, p.left)))
+            keys.append(
+                latent_cache.key(
+                    index.sources[e.source].identity,
+                    e.ref.uid,
+                    (pb.bucket.h, pb.bucket.w),
+                    (p.resize_w, p.resize_h, p.top, p.left),
+                )
+            )
     return keys
 
 
@@ -189,13 +222,20 @@ def cache_status(recipe: Recipe, index, cfg, text_id: str | None, effnet_id: str
 
     cache = recipe.data.cache
     captions = all_captions(index)
-    text: dict[str, Any] = {"enabled": cache.text_embeddings, "dir": cache.text_embeddings_dir,
-                            "captions": len(captions), "encoder": text_id or UNKNOWN_IDENTITY}
+    text: dict[str, Any] = {
+        "enabled": cache.text_embeddings,
+        "dir": cache.text_embeddings_dir,
+        "captions": len(captions),
+        "encoder": text_id or UNKNOWN_IDENTITY,
+    }
     if text_id:
         tc = TextCache(cache.text_embeddings_dir, text_id)
         text["cached"] = sum(tc.contains(c) for c in captions)
-    latents: dict[str, Any] = {"enabled": cache.latents, "dir": cache.latents_dir,
-                               "encoder": effnet_id or UNKNOWN_IDENTITY}
+    latents: dict[str, Any] = {
+        "enabled": cache.latents,
+        "dir": cache.latents_dir,
+        "encoder": effnet_id or UNKNOWN_IDENTITY,
+    }
     if cache.latents and index.entries:
         lc = LatentCache(cache.latents_dir, effnet_id or "unknown")
         keys = planned_latent_keys(index, cfg, lc)
@@ -211,10 +251,17 @@ def _helper_params(recipe: Recipe, sources: list[dict[str, Any]]) -> dict[str, i
     from runner.memory_estimate import KNOWN_PARAMS, safetensors_params
 
     m = recipe.model
-    roles = {"model.text_encoder": ("text_encoder", m.text_encoder, True),
-             "model.effnet": ("effnet", m.effnet, False), "model.previewer": ("previewer", m.previewer, False),
-             "model.decoder.source": (m.decoder.flavour if m.decoder else "", m.decoder and m.decoder.source, True),
-             "model.decoder.stage_a": ("stage_a", m.decoder and m.decoder.stage_a, True)}
+    roles = {
+        "model.text_encoder": ("text_encoder", m.text_encoder, True),
+        "model.effnet": ("effnet", m.effnet, False),
+        "model.previewer": ("previewer", m.previewer, False),
+        "model.decoder.source": (
+            m.decoder.flavour if m.decoder else "",
+            m.decoder and m.decoder.source,
+            True,
+        ),
+        "model.decoder.stage_a": ("stage_a", m.decoder and m.decoder.stage_a, True),
+    }
     out = {}
     for src in sources:
         if src["role"] not in roles:
@@ -255,17 +302,28 @@ def make_plan(loaded: LoadedRecipe) -> dict[str, Any]:
     helpers = _helper_params(recipe, sources)
     base = recipe.training.precision.base_weights
     return {
-        "models": {"flavour": recipe.model.flavour, "prior_params": sizes.params,
-                   "lora_params": sizes.lora_params, "helper_params": helpers},
+        "models": {
+            "flavour": recipe.model.flavour,
+            "prior_params": sizes.params,
+            "lora_params": sizes.lora_params,
+            "helper_params": helpers,
+        },
         "sources": [{k: (str(v) if isinstance(v, Path) else v) for k, v in s.items()} for s in sources],
         "data": data_rows,
         "buckets": [{**r, "source": data_rows[r["source"]]["name"]} for r in table],
-        "steps": {"per_epoch": spe, "total": steps, "batch_size": recipe.training.batch_size,
-                  "gradient_accumulation": accum,
-                  "epochs": round(steps * accum / spe, 2) if spe and steps else None},
+        "steps": {
+            "per_epoch": spe,
+            "total": steps,
+            "batch_size": recipe.training.batch_size,
+            "gradient_accumulation": accum,
+            "epochs": round(steps * accum / spe, 2) if spe and steps else None,
+        },
         "cache": cache_status(recipe, index, cfg, text_id, effnet_id),
-        "memory": {"latent_cells": list(latent_hw), "latent_from": "largest bucket" if table else "square bucket",
-                   **estimate_memory(recipe, sizes, latent_hw, helpers)},
+        "memory": {
+            "latent_cells": list(latent_hw),
+            "latent_from": "largest bucket" if table else "square bucket",
+            **estimate_memory(recipe, sizes, latent_hw, helpers),
+        },
         "int8_quality": None if base == "no_change" else {"backend": base, **INT8_QUALITY},
         "scheduled_sampling": rollout_cost(recipe, steps),
     }
@@ -277,6 +335,7 @@ def run_plan(recipe_path: str, overrides: list[str], as_json: bool) -> int:
     import json
 
     from runner.cli import dump_yaml
+    from runner.plan_render import render_plan
     from runner.recipe import read_recipe
     from runner.spec import spec_to_dict
 
@@ -287,7 +346,11 @@ def run_plan(recipe_path: str, overrides: list[str], as_json: bool) -> int:
         raise UserError(f"plan: {err}") from None
     warnings = [w.render() for w in loaded.warnings]
     if as_json:
-        print(json.dumps({"recipe": spec_to_dict(loaded.spec), "warnings": warnings, **plan}, indent=1, default=str))
+        print(
+            json.dumps(
+                {"recipe": spec_to_dict(loaded.spec), "warnings": warnings, **plan}, indent=1, default=str
+            )
+        )
         return 0
     print(f"# {recipe_path}: the resolved recipe, with every default filled in")
     for warning in warnings:
@@ -295,100 +358,3 @@ def run_plan(recipe_path: str, overrides: list[str], as_json: bool) -> int:
     print(dump_yaml(spec_to_dict(loaded.spec)), end="")
     print("\n".join("# " + line if line else "#" for line in render_plan(plan)))
     return 0
-
-
-# ---------------------------------------------------------------- text form
-def _n(x: int | None) -> str:
-    return "?" if x is None else f"{x:,}"
-
-
-def _render_sources(plan: dict[str, Any]) -> list[str]:
-    lines = ["", "models and files:"]
-    for s in plan["sources"]:
-        if s["kind"] == "local":
-            lines.append(f"  {s['role']}: local {s['path']}" + ("" if s["exists"] else "  (MISSING)"))
-            continue
-        state = "in the local HF cache" if s["cached"] else "would be downloaded"
-        lines.append(f"  {s['role']}: hub {s['repo']}@{s['revision']} ({state})")
-        for f in s["files"]:
-            mark = f"cached: {', '.join(f['cached'])}" if f["cached"] else "not cached"
-            lines.append(f"    {f['pattern']}  [{mark}]")
-    return lines
-
-
-def _render_data(plan: dict[str, Any]) -> list[str]:
-    lines = ["", "data:"]
-    for d in plan["data"]:
-        lines.append(f"  {d['name']} ({d['type']} {d['path']}, repeats {d['repeats']}, probability "
-                     f"{d['probability']}): {d['samples']} samples")
-        if "error" in d:
-            lines.append(f"    {d['error']}")
-        for what in ("skipped", "filtered"):
-            info = d[what]
-            if info["count"]:
-                reasons = "; ".join(f"{n} x {r}" for r, n in info["reasons"].items())
-                lines.append(f"    {what} {info['count']}: {reasons} (e.g. {info['examples'][0][0]})")
-    if plan["buckets"]:
-        lines += ["", "buckets (latent cells h x w, training px, encoder px, samples per epoch after pruning):"]
-        for b in plan["buckets"]:
-            (h, w), (ph, pw), (eh, ew) = b["cells"], b["pixels"], b["encoder"]
-            lines.append(f"  {b['source']}: {h}x{w} cells  {ph}x{pw} px  encoder {eh}x{ew}  {b['samples']}")
-    st = plan["steps"]
-    lines += ["", f"steps: {_n(st['per_epoch'])} batches per epoch (batch {st['batch_size']}, gradient "
-                  f"accumulation {st['gradient_accumulation']}), {_n(st['total'])} optimizer steps in total"
-              + (f" = {st['epochs']} epochs" if st["epochs"] else "")]
-    return lines
-
-
-def _render_cache(plan: dict[str, Any]) -> list[str]:
-    t, lat = plan["cache"]["text_embeddings"], plan["cache"]["latents"]
-    on = {True: "on", False: "off"}
-    lines = ["", "caches:",
-             f"  text embeddings ({on[t['enabled']]}, {t['dir']}): encoder {t['encoder']}; "
-             + (f"{t['cached']} of {t['captions']} captions cached" if "cached" in t
-                else f"{t['captions']} captions, cached count unknown until the encoder is downloaded")]
-    latents = f"  latents ({on[lat['enabled']]}, {lat['dir']}): encoder {lat['encoder']}"
-    if "crops_per_epoch" in lat:
-        latents += (f"; {lat['cached']} of {lat['crops_per_epoch']} planned crops cached" if "cached" in lat
-                    else f"; {lat['crops_per_epoch']} planned crops")
-    lines.append(latents)
-    if t["enabled"] or lat["enabled"]:
-        lines.append("  fill them before training: runner cache RECIPE [key=value ...]")
-    return lines
-
-
-def _render_memory(plan: dict[str, Any]) -> list[str]:
-    m, models = plan["memory"], plan["models"]
-    h, w = m["latent_cells"]
-    lines = ["", f"Stage C ({models['flavour']}): {_n(models['prior_params'])} parameters"
-             + (f", LoRA {_n(models['lora_params'])}" if models["lora_params"] else ""),
-             f"estimated GPU memory ({m['latent_from']} {h}x{w} latents, batch size per GPU):",
-             f"  weights           {m['weights_gib']:6.2f} GiB  ({m['weights_dtype']})",
-             f"  trainable state   {m['trainable_state_gib']:6.2f} GiB  ({m['trainable_note']})",
-             f"  activations       {m['activations_gib']:6.2f} GiB  ({m['activations_note']})",
-             f"  Stage C step      {m['stage_c_step_gib']:6.2f} GiB"]
-    for name, gib in m["helpers_gib"].items():
-        lines.append(f"  + {name:<15} {gib:6.2f} GiB  (frozen, fp32, {_n(models['helper_params'][name])} params)")
-    lines += [f"  total             {m['total_gib']:6.2f} GiB  (+ ~0.5-1 GiB CUDA context)",
-              f"  formula: {m['formula']}"]
-    q = plan["int8_quality"]
-    if q:
-        own = q[q["backend"]]
-        pct = 100 * own["mean_abs_diff"] / q["output_mean_abs"]
-        others = ", ".join(f"{k} max {v['max_abs_diff']} / mean {v['mean_abs_diff']}"
-                           for k, v in q.items() if k.startswith("int8") and k != q["backend"])
-        lines += ["", f"int8 quality cost ({q['backend']}): output diff vs bf16 max {own['max_abs_diff']} / mean "
-                      f"{own['mean_abs_diff']} on outputs of mean magnitude {q['output_mean_abs']} (~{pct:.1f}%); "
-                      f"{others}", f"  measured: {q['measured']}"]
-    r = plan["scheduled_sampling"]
-    if r:
-        lines += ["", f"scheduled sampling: ~{r['extra_forwards_per_step']} extra forward passes per step "
-                      f"(p mean {r['p_mean']}, from {r['p_first_step']} to {r['p_last_step']}, x mean offset "
-                      f"{r['mean_offset']}; ~{r['extra_sample_forwards_per_step']} per-sample forwards)"]
-    return lines
-
-
-def render_plan(plan: dict[str, Any]) -> list[str]:
-    """The plan for people: sources, data and buckets, steps, caches, memory, int8 and rollout costs."""
-    return ["", "plan (nothing was downloaded or loaded):", *_render_sources(plan), *_render_data(plan),
-            *_render_cache(plan), *_render_memory(plan)]

@@ -76,6 +76,14 @@ def cross_field_problems(spec: Recipe, raw: dict[str, Any]) -> list[Found]:
                 "training.mode: lora, or base_weights: no_change",
             )
         )
+    if t.scheduler.name != "constant" and t.max_steps is not None and t.scheduler.warmup_steps > t.max_steps:
+        out.append(
+            (
+                ("training", "scheduler", "warmup_steps"),
+                f"warmup ({t.scheduler.warmup_steps} steps) is longer than the run (training.max_steps "
+                f"{t.max_steps}); lower warmup_steps or raise max_steps",
+            )
+        )
     if (t.mode == "full" and prec.mixed_precision == "bf16" and prec.bf16_mode == "bf16_weights"
             and t.optimizer.name != "adamw_bf16"):
         out.append(

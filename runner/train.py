@@ -149,7 +149,7 @@ def _train(loaded: LoadedRecipe, dist: Dist) -> dict:
         latent_cache = LatentCache(recipe.data.cache.latents_dir, effnet_id)
     loader, _ = build_loader(recipe, rank=dist.rank, world_size=dist.world_size, latent_cache=latent_cache)
     steps = total_steps(recipe, loader.steps_per_epoch())
-    model = dist.wrap(prior, training.mode)  # what the step calls; `prior` stays the plain (or sharded) StageC
+    model = dist.wrap(prior, training.mode)  # what the step calls; `prior` stays the (sharded) StageC
     params = [p for p in prior.parameters() if p.requires_grad]
     opt = training.optimizer
     extra = {}
@@ -241,7 +241,7 @@ def _train(loaded: LoadedRecipe, dist: Dist) -> dict:
     started = time.perf_counter()
     window_loss, window_samples = 0.0, 0
     while state.step < steps:
-        micro_before = micro
+        micro_before, fresh_epoch = micro, loader.cursor == 0  # a resume may land at an epoch's end
         for batch in loader:
             if not batch["keys"]:
                 continue  # every image of this batch failed to decode (listed in batch["skipped"])
@@ -310,7 +310,7 @@ def _train(loaded: LoadedRecipe, dist: Dist) -> dict:
                 validate()
             if state.step >= steps:
                 break
-        if micro == micro_before:
+        if micro == micro_before and fresh_epoch:
             raise UserError("data: a whole epoch produced no usable batch (every image failed to decode?); "
                             "run `runner plan` on the recipe to see the skipped samples")
 

@@ -71,10 +71,10 @@ def test_validate_applies_overrides(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_plan_prints_the_resolved_recipe(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["plan", LORA, "training.max_steps=77"]) == 0
+    assert main(["plan", LORA, "training.max_steps=777"]) == 0
     printed = capsys.readouterr().out
     resolved = yaml.safe_load(printed)
-    expected = read_recipe(LORA, ["training.max_steps=77"], paths="warn").resolved
+    expected = read_recipe(LORA, ["training.max_steps=777"], paths="warn").resolved
     assert resolved == expected
     assert "  warmup_steps: 100" in printed and "mixed_precision: bf16" in printed
 

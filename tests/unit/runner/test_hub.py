@@ -74,3 +74,14 @@ def test_patterns_fetch_only_one_variant():
     bf16 = model_file_patterns("prior", variant="bf16")
     assert "prior/diffusion_pytorch_model.bf16.safetensors" in bf16
     assert model_file_patterns(filename="stage_c_bf16.safetensors") == ["stage_c_bf16.safetensors"]
+
+
+def test_text_encoder_and_tokenizer_folders_fetch_their_own_files():
+    from runner.hub import folder_kind, model_file_patterns
+
+    assert folder_kind("prior") == "diffusers" and folder_kind("text_encoder") == "transformers"
+    assert folder_kind("tokenizer_2") == "tokenizer"
+    assert "text_encoder/model.safetensors" in model_file_patterns("text_encoder")
+    assert "text_encoder/model.safetensors.index.json" in model_file_patterns("text_encoder")
+    assert {"tokenizer/vocab.json", "tokenizer/merges.txt"} <= set(model_file_patterns("tokenizer"))
+    assert "prior/diffusion_pytorch_model.safetensors" in model_file_patterns("prior")

@@ -1,0 +1,255 @@
+"""Two processes over gloo (CPU): same result as one process, exact resume, world-size guard, dead rank.
+
+Runs go through `python -m torch.distributed.run` (torchrun) or plain subprocesses with torchrun's
+environment, exactly as users launch them. Test-only behaviour (per-sample noise, a rank that dies) is
+injected by a wrapper script written into tmp that monkeypatches runner.train before calling the CLI, so
+the product has no test hooks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from runner.distributed import Launch, read_launch
+from runner.errors import UserError
+from runner.recipe import read_recipe
+from runner.train import train
+
+pytestmark = pytest.mark.slow
+
+RECIPE = """
+device: cpu
+output: {{dir: {out}}}
+model:
+  flavour: tiny
+  prior: {{path: {ckpt}, subfolder: prior}}
+  text_encoder: {{path: {ckpt}, subfolder: text_encoder}}
+  tokenizer: {{path: {ckpt}, subfolder: tokenizer}}
+  effnet: {{path: {ckpt}, filename: effnet_encoder.safetensors}}
+training:
+  mode: lora
+  lora: {{rank: 4, alpha: 4}}
+  batch_size: 1
+  max_steps: 4
+  learning_rate: 3e-3
+  loss_weighting: none
+  caption_dropout: 0.0
+  seed: 7
+data:
+  sources:
+    - {{name: tiny, type: local, path: {data}, caption_strategy: textfile, resolution: 128}}
+  cache: {{text_embeddings_dir: {cache}/text, latents_dir: {cache}/latents}}
+  workers: 0
+validation: {{enabled: false}}
+checkpoints: {{every_n_steps: 2}}
+export: {{lora_formats: [native]}}
+logging: {{report_to: jsonl, progress_bar: false}}
+distributed: {{timeout_s: 10}}
+"""
+
+# argv: MODE RECIPE [overrides...]; MODE "noise": each sample's t and noise come from (its key, step),
+# so a sample draws the same numbers whichever rank or batch it lands in; MODE "die": rank 1 exits
+# abruptly in its third step.
+WRAPPER = r'''
+import os, sys, zlib
+import torch
+import runner.train as T
+from cascade_core.models.text import TextConditioning
+from runner.cli import main
+
+mode = sys.argv.pop(1)
+real_latents, real_loss, now = T._latents, T.stage_c_loss, {}
+
+def latents(batch, *args, **kwargs):
+    now["keys"] = list(batch["keys"])
+    return real_latents(batch, *args, **kwargs)
+
+def per_sample_loss(model, x, cond, training, *, step, **kwargs):
+    results = []
+    for i, key in enumerate(now["keys"]):
+        torch.manual_seed(zlib.crc32(f"{key}:{step}".encode()))
+        c = TextConditioning(*(v[i : i + 1] for v in cond.as_dict().values()))
+        results.append(real_loss(model, x[i : i + 1], c, training, step=step, **kwargs))
+    out = results[0]
+    out.loss = torch.stack([r.loss for r in results]).mean()
+    out.raw = torch.cat([r.raw for r in results])
+    out.logsnr = torch.cat([r.logsnr for r in results])
+    return out
+
+def die_on_rank1(model, x, cond, training, *, step, **kwargs):
+    if os.environ.get("RANK") == "1" and step == 2:
+        os._exit(1)
+    return real_loss(model, x, cond, training, step=step, **kwargs)
+
+if mode == "noise":
+    T._latents, T.stage_c_loss = latents, per_sample_loss
+elif mode == "die":
+    T.stage_c_loss = die_on_rank1
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Two same-size pictures: one bucket, so a global batch of 2 is the whole epoch in every layout."""
+    folder = tmp_path_factory.mktemp("images2")
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(("red", "green")):
+        base = np.zeros((128, 128, 3), dtype=np.float32)
+        base[..., i] = np.linspace(0.2, 1.0, 128)[None, :]
+        base += rng.normal(0, 0.05, base.shape).astype(np.float32)
+        Image.fromarray((base.clip(0, 1) * 255).astype(np.uint8)).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"a {name} square\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_checkpoints, dataset) -> tuple[Path, Path]:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(out=tmp_path / "run", ckpt=tiny_checkpoints, data=dataset,
+                                    cache=tmp_path / "cache"), encoding="utf-8")
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(WRAPPER, encoding="utf-8")
+    return recipe, wrapper
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "--monitor-interval=0.2", *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def runner_cmd(*args: str) -> list[str]:
+    return ["-m", "runner", *args]
+
+
+def lora(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(out / f"checkpoints/step_{step:06d}/trainable.safetensors"))
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_read_launch():
+    assert read_launch({}) == Launch()
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    assert read_launch(env) == Launch(1, 2, 1)
+    with pytest.raises(UserError, match="MASTER_ADDR"):
+        read_launch({"RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(UserError, match="outside"):
+        read_launch({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+
+
+def test_two_ranks_equal_one_process_with_the_same_global_batch(setup, tmp_path):
+    """2 ranks x batch 1 == 1 process x batch 2 (LoRA over DDP, 4 steps, Adam)."""
+    recipe, wrapper = setup
+    one = subprocess.run([sys.executable, str(wrapper), "noise", str(recipe), "training.batch_size=2",
+                          f"output.dir={tmp_path / 'one'}"], env=_env(), capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(2, str(wrapper), "noise", str(recipe), f"output.dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = lora(tmp_path / "one", 4), lora(tmp_path / "two", 4)
+    assert a.keys() == b.keys() and a
+    # Same samples, same noise, same mean gradient: only float summation order differs (the batch-2
+    # forward vs two batch-1 forwards, and gloo's all-reduce of the two halves), ~1e-7 relative.
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert any(a[k].abs().max() > 0 for k in a if "up" in k)  # the adapters moved (lora_up starts at 0)
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+    assert (tmp_path / "two/export/lora_native.safetensors").is_file()
+    assert json.loads((tmp_path / "two/metrics.jsonl").read_text().splitlines()[-1])["samples"] == 8
+
+
+def test_resume_at_the_same_world_size_is_exact_and_a_different_one_is_refused(setup, tmp_path):
+    recipe, _ = setup
+    noisy = ("training.caption_dropout=0.5",)  # per-rank RNG now matters for the result
+    straight = torchrun(2, *runner_cmd(str(recipe), *noisy, f"output.dir={tmp_path / 'straight'}"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    # "crash" after the step-2 checkpoint: a copy of the run rewound to it
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight", resumed)
+    shutil.rmtree(resumed / "checkpoints/step_000004")
+    shutil.rmtree(resumed / "export")
+    (resumed / "checkpoints/latest").write_text("step_000002\n")
+
+    with pytest.raises(UserError, match="written by 2 process"):
+        train(read_recipe(recipe, [*noisy, f"output.dir={resumed}", "checkpoints.resume=latest"]))
+
+    again = torchrun(2, *runner_cmd(str(recipe), *noisy, f"output.dir={resumed}", "checkpoints.resume=latest"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = lora(tmp_path / "straight", 4), lora(resumed, 4)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert losses(tmp_path / "straight") == losses(resumed)
+
+
+def test_a_dead_rank_stops_the_run_under_torchrun(setup, tmp_path):
+    recipe, wrapper = setup
+    started = time.monotonic()
+    done = torchrun(2, str(wrapper), "die", str(recipe), "training.max_steps=50", timeout=60)
+    assert done.returncode != 0
+    assert time.monotonic() - started < 45
+    assert "rank      : 1" in done.stderr and "exitcode  : 1" in done.stderr, done.stderr[-3000:]
+
+
+def test_a_dead_peer_gives_a_clear_error_without_torchrun_supervision(setup, tmp_path):
+    """What a rank on another node sees: no agent kills it; the failed collective must end it."""
+    recipe, wrapper = setup
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = _env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, str(wrapper), "die", str(recipe), "training.max_steps=50"],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    started = time.monotonic()
+    _, err0 = procs[0].communicate(timeout=60)
+    procs[1].communicate(timeout=10)
+    assert procs[1].returncode == 1
+    assert procs[0].returncode == 2, err0[-3000:]
+    assert "rank 0 of 2: a collective with the other ranks failed" in err0
+    assert time.monotonic() - started < 40  # distributed.timeout_s is 10
+
+
+def test_fsdp2_full_fine_tune_matches_one_process(setup, tmp_path):
+    """FSDP2 (fp32 params and reduce) over 2 ranks == a plain full fine-tune with the global batch."""
+    recipe, wrapper = setup
+    full = ("training.mode=full", "training.max_steps=2", "training.learning_rate=1e-4",
+            "export.full_formats=[original]")
+    one = subprocess.run([sys.executable, str(wrapper), "noise", str(recipe), *full, "training.batch_size=2",
+                          f"output.dir={tmp_path / 'one'}"], env=_env(), capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(2, str(wrapper), "noise", str(recipe), *full, "distributed.strategy=fsdp",
+                   "distributed.fsdp_param_dtype=fp32", "distributed.fsdp_reduce_dtype=fp32",
+                   f"output.dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = lora(tmp_path / "one", 2), lora(tmp_path / "two", 2)
+    assert a.keys() == b.keys() and len(a) > 10
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    exported = load_file(str(tmp_path / "two/export/stage_c.safetensors"))
+    assert exported and all(torch.isfinite(t).all() for t in exported.values())
+    optimizer = torch.load(tmp_path / "two/checkpoints/step_000002/optimizer.pt", weights_only=True)
+    assert set(optimizer["state"]) >= set(a)  # the full state, keyed by parameter name
