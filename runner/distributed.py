@@ -6,8 +6,8 @@ are no-ops, so train.py has one code path and a single process behaves exactly a
 
 Choices written down here because they shape the checkpoints:
 - LoRA (and full fine-tuning with strategy ddp) uses DistributedDataParallel. Only parameters with
-  requires_grad get gradient hooks, so LoRA reduces adapter gradients only. Frozen weights are not
-  re-broadcast each forward (`forward_sync_buffers=False`; they are synced once at init): they are constants loaded from the same file.
+  requires_grad get gradient hooks, so LoRA reduces adapter gradients only. Buffers are synced once
+  at init, not before every forward (`forward_sync_buffers=False`): they are frozen constants.
 - Full fine-tuning with strategy fsdp uses FSDP2 (`fully_shard` on every UNet block, then the root).
   Checkpoints stay one folder in the single-process format: rank 0 gathers the full trainable weights
   and the full optimizer state (`full_state_dict=True, cpu_offload=True`, keyed by parameter name).
@@ -225,8 +225,12 @@ class Dist:
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        if max_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
+        # Scaled by hand: in torch 2.14 `clip_grads_with_norm_` leaves DTensor grads unscaled (found by
+        # the FSDP2 test). Same formula as torch: coef = max_norm / (norm + 1e-6), clamped to 1.
+        coef = 1.0 if max_norm is None else min(1.0, max_norm / (float(norm) + 1e-6))
+        if coef < 1.0:
+            for grad in grads:
+                grad.mul_(coef)
         return norm
 
     # ---- state for checkpoints and exports (rank 0 gets the full tensors; others get {})

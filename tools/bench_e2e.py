@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra recipe overrides, applied last (e.g. a CPU smoke run on tiny weights)")
     args = parser.parse_args(argv)
     work, py = args.work, sys.executable
+    work.mkdir(parents=True, exist_ok=True)
     flavours = [f for f in args.flavours.split(",") if f]
     result: dict = {"steps": args.steps, "images": args.images}
     ckpt = work / "checkpoints"

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from bench_profile import profile_steps  # noqa: E402
+from bench_profile import attention_kernels, profile_steps  # noqa: E402
 
 from cascade_core.formats import original_to_diffusers_config  # noqa: E402
 from cascade_core.models.stage_c import StageC, StageCConfig  # noqa: E402
@@ -263,8 +263,9 @@ def run_case(case: Case, device: torch.device, args, flops_cache: dict, peak: fl
         first_step_s=round(first, 2),
         compile_s=round(first - s, 1) if "compile" in case.flags else None,
     )
-    if args.profile is not None and args.profile_case == case.label:
-        result["profile"] = profile_steps(step, s, Path(args.out).with_suffix(f".{case.impl}.prof.txt"))
+    if case.label in args.profile_cases:
+        name = "".join(ch if ch.isalnum() else "_" for ch in case.label)
+        result["profile"] = profile_steps(step, s, Path(args.out).with_suffix(f".{name}.prof.txt"))
     del model, step
     free(device)
     return result
@@ -347,6 +348,19 @@ def print_table(results: list[dict]) -> None:
         )
 
 
+def merge(paths: list[Path], out: Path) -> dict:
+    """One report from several runs (e.g. eager and compile cases run separately); later cases win."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    merged = {k: v for r in reports for k, v in r.items() if k not in ("results", "ratios", "targets")}
+    by_case = {r["case"]: r for report in reports for r in report["results"]}
+    merged["results"] = list(by_case.values())
+    merged["ratios"], merged["targets"] = ratios(merged["results"]), targets(merged["results"])
+    out.write_text(json.dumps(merged, indent=1))
+    print_table(merged["results"])
+    print(json.dumps({"ratios": merged["ratios"], "targets": merged["targets"]}, indent=1))
+    return merged
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES)
@@ -354,11 +368,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--profile", type=int, default=None, help="index in --cases to profile")
+    parser.add_argument("--profile", type=int, nargs="*", default=[], help="indices in --cases to profile")
+    parser.add_argument("--attention", action="store_true", help="also time SDPA backends at Stage C's shape")
+    parser.add_argument("--merge", nargs="*", default=None, help="only merge these JSON reports into --out")
     parser.add_argument("--out", default="bench_train_step.json")
     args = parser.parse_args(argv)
+    if args.merge is not None:
+        return merge([Path(p) for p in args.merge], Path(args.out))
     cases = [Case.parse(c) for c in args.cases]
-    args.profile_case = cases[args.profile].label if args.profile is not None else None
+    args.profile_cases = {cases[i].label for i in args.profile}
     if not args.with_diffusers:
         cases = [c for c in cases if c.impl == "ours"]
     device = torch.device(args.device)
@@ -368,6 +386,9 @@ def main(argv: list[str] | None = None) -> dict:
         "matmul_peak_tflops": round(matmul_peak(device), 1),
         "results": [],
     }
+    if args.attention and device.type == "cuda":
+        report["attention_ms"] = attention_kernels(device)
+        print("attention fwd+bwd ms:", report["attention_ms"], flush=True)
     if args.with_diffusers:
         import diffusers
         import peft

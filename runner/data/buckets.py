@@ -2,7 +2,8 @@
 
 A bucket is a Stage C latent grid (h x w cells). Everything else is derived from the cells:
 the EfficientNet sees the image at 0.75 of the training resolution and has stride 32, so one
-cell is 32 encoder pixels and 128/3 training pixels (24 cells -> 768 encoder px -> 1024 px).
+cell is 32 encoder pixels and about 42.67 training pixels (24 cells -> 768 encoder px -> 1024 px);
+`cells_to_pixels` applies the shared rule of cascade_core/models/latent_size.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from PIL import Image
+
+from cascade_core.models.latent_size import encoder_pixel_size, pixel_size_for_latent
 
 EFFNET_STRIDE = 32  # encoder pixels per latent cell
 ENCODER_SCALE = Fraction(3, 4)  # encoder pixels / training pixels
@@ -25,17 +28,17 @@ CROP_STYLES = ("random", "center", "corner")
 
 
 def cells_to_pixels(cells: int) -> tuple[int, int]:
-    """(training px, encoder px) of one edge of `cells` latent cells.
+    """(training px, encoder px) of one edge of `cells` latent cells, by Stage C's one size rule
+    (`cascade_core.models.latent_size`).
 
-    Encoder px = cells * 32 exactly, so the latent grid is always exact. Training px = cells * 128/3,
-    rounded to the nearest integer when cells is not a multiple of 3 (the fraction is 1/3 or 2/3,
-    never a tie), so those buckets are encoded at 0.75 of the training size within 1/3 px.
+    Encoder px = cells * 32 exactly, so the latent grid is always exact. Training px is the image size
+    the sampler maps back to exactly `cells` cells (ceil(px / 42.67) == cells; 24 -> 1024, 32 -> 1364),
+    so a LoRA trained in this bucket is sampled at the latent size it was trained on.
     """
     if cells < 1:
         raise ValueError(f"bucket edge must be at least 1 latent cell, got {cells}")
-    encoder = cells * EFFNET_STRIDE
-    training = round(Fraction(encoder) / ENCODER_SCALE)
-    return training, encoder
+    training = pixel_size_for_latent(cells, cells)[0]
+    return training, encoder_pixel_size(training, training)[0]
 
 
 @dataclass(frozen=True)

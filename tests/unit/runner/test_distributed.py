@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import shutil
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import runner.train as train_module
 from runner.distributed import Launch, read_launch
 from runner.errors import UserError
 from runner.recipe import read_recipe
@@ -69,7 +71,6 @@ import runner.train as T
 from cascade_core.models.text import TextConditioning
 from runner.cli import main
 
-mode = sys.argv.pop(1)
 real_latents, real_loss, now = T._latents, T.stage_c_loss, {}
 
 def latents(batch, *args, **kwargs):
@@ -93,11 +94,13 @@ def die_on_rank1(model, x, cond, training, *, step, **kwargs):
         os._exit(1)
     return real_loss(model, x, cond, training, step=step, **kwargs)
 
-if mode == "noise":
-    T._latents, T.stage_c_loss = latents, per_sample_loss
-elif mode == "die":
-    T.stage_c_loss = die_on_rank1
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":
+    mode = sys.argv.pop(1)
+    if mode == "noise":
+        T._latents, T.stage_c_loss = latents, per_sample_loss
+    elif mode == "die":
+        T.stage_c_loss = die_on_rank1
+    sys.exit(main(sys.argv[1:]))
 '''
 
 
@@ -141,6 +144,15 @@ def runner_cmd(*args: str) -> list[str]:
     return ["-m", "runner", *args]
 
 
+def train_one_process(wrapper: Path, recipe: Path, monkeypatch, *overrides: str) -> None:
+    """The single-process baseline in this process, with the wrapper's per-sample noise."""
+    patches = runpy.run_path(str(wrapper), run_name="patches")
+    monkeypatch.setattr(train_module, "_latents", patches["latents"])
+    monkeypatch.setattr(train_module, "stage_c_loss", patches["per_sample_loss"])
+    train(read_recipe(recipe, list(overrides)))
+    monkeypatch.undo()
+
+
 def lora(out: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(out / f"checkpoints/step_{step:06d}/trainable.safetensors"))
 
@@ -159,12 +171,10 @@ def test_read_launch():
         read_launch({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
 
 
-def test_two_ranks_equal_one_process_with_the_same_global_batch(setup, tmp_path):
-    """2 ranks x batch 1 == 1 process x batch 2 (LoRA over DDP, 4 steps, Adam)."""
+def test_two_ranks_equal_one_process_with_the_same_global_batch(setup, tmp_path, monkeypatch):
+    """2 ranks x batch 1 == 1 process x batch 2 (LoRA over DDP, 4 steps, AdamW)."""
     recipe, wrapper = setup
-    one = subprocess.run([sys.executable, str(wrapper), "noise", str(recipe), "training.batch_size=2",
-                          f"output.dir={tmp_path / 'one'}"], env=_env(), capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-3000:]
+    train_one_process(wrapper, recipe, monkeypatch, "training.batch_size=2", f"output.dir={tmp_path / 'one'}")
     two = torchrun(2, str(wrapper), "noise", str(recipe), f"output.dir={tmp_path / 'two'}")
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = lora(tmp_path / "one", 4), lora(tmp_path / "two", 4)
@@ -194,7 +204,8 @@ def test_resume_at_the_same_world_size_is_exact_and_a_different_one_is_refused(s
     with pytest.raises(UserError, match="written by 2 process"):
         train(read_recipe(recipe, [*noisy, f"output.dir={resumed}", "checkpoints.resume=latest"]))
 
-    again = torchrun(2, *runner_cmd(str(recipe), *noisy, f"output.dir={resumed}", "checkpoints.resume=latest"))
+    again = torchrun(2, *runner_cmd(str(recipe), *noisy, f"output.dir={resumed}",
+                                    "checkpoints.resume=latest"))
     assert again.returncode == 0, again.stderr[-3000:]
     a, b = lora(tmp_path / "straight", 4), lora(resumed, 4)
     assert a.keys() == b.keys()
@@ -222,8 +233,9 @@ def test_a_dead_peer_gives_a_clear_error_without_torchrun_supervision(setup, tmp
     for rank in (0, 1):
         env = _env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, str(wrapper), "die", str(recipe), "training.max_steps=50"],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        cmd = [sys.executable, str(wrapper), "die", str(recipe), "training.max_steps=50"]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
     started = time.monotonic()
     _, err0 = procs[0].communicate(timeout=60)
     procs[1].communicate(timeout=10)
@@ -233,23 +245,31 @@ def test_a_dead_peer_gives_a_clear_error_without_torchrun_supervision(setup, tmp
     assert time.monotonic() - started < 40  # distributed.timeout_s is 10
 
 
-def test_fsdp2_full_fine_tune_matches_one_process(setup, tmp_path):
-    """FSDP2 (fp32 params and reduce) over 2 ranks == a plain full fine-tune with the global batch."""
-    recipe, wrapper = setup
-    full = ("training.mode=full", "training.max_steps=2", "training.learning_rate=1e-4",
-            "export.full_formats=[original]")
-    one = subprocess.run([sys.executable, str(wrapper), "noise", str(recipe), *full, "training.batch_size=2",
-                          f"output.dir={tmp_path / 'one'}"], env=_env(), capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun(2, str(wrapper), "noise", str(recipe), *full, "distributed.strategy=fsdp",
-                   "distributed.fsdp_param_dtype=fp32", "distributed.fsdp_reduce_dtype=fp32",
-                   f"output.dir={tmp_path / 'two'}")
+def test_fsdp2_full_fine_tune_matches_one_process_and_resumes(setup, tmp_path, monkeypatch):
+    """FSDP2 (fp32 params and reduce) over 2 ranks == a plain full fine-tune with the global batch,
+    also after a resume (full optimizer state gathered on save, sharded again on load)."""
+    lora_recipe, wrapper = setup
+    recipe = tmp_path / "full.yaml"
+    text = lora_recipe.read_text().replace("mode: lora\n  lora: {rank: 4, alpha: 4}", "mode: full")
+    recipe.write_text(text)
+    # eps 1e-2: AdamW's update is then ~linear in tiny gradients instead of ~their sign, so float
+    # summation noise in a near-zero gradient element cannot flip a whole lr-sized step
+    full = ("training.learning_rate=1e-4", "training.optimizer.eps=1e-2", "export.full_formats=[original]")
+    train_one_process(wrapper, recipe, monkeypatch, *full, "training.max_steps=3", "training.batch_size=2",
+                      f"output.dir={tmp_path / 'one'}")
+    fsdp = ("distributed.strategy=fsdp", "distributed.fsdp_param_dtype=fp32",
+            "distributed.fsdp_reduce_dtype=fp32", f"output.dir={tmp_path / 'two'}")
+    two = torchrun(2, str(wrapper), "noise", str(recipe), *full, *fsdp, "training.max_steps=2")
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = lora(tmp_path / "one", 2), lora(tmp_path / "two", 2)
-    assert a.keys() == b.keys() and len(a) > 10
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
-    exported = load_file(str(tmp_path / "two/export/stage_c.safetensors"))
-    assert exported and all(torch.isfinite(t).all() for t in exported.values())
     optimizer = torch.load(tmp_path / "two/checkpoints/step_000002/optimizer.pt", weights_only=True)
-    assert set(optimizer["state"]) >= set(a)  # the full state, keyed by parameter name
+    assert set(optimizer["state"]) == set(lora(tmp_path / "one", 2))  # full state, keyed by parameter name
+    more = torchrun(2, str(wrapper), "noise", str(recipe), *full, *fsdp, "training.max_steps=3",
+                    "checkpoints.resume=latest")
+    assert more.returncode == 0, more.stderr[-3000:]
+    for step in (2, 3):
+        a, b = lora(tmp_path / "one", step), lora(tmp_path / "two", step)
+        assert a.keys() == b.keys() and len(a) > 10
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"step {step}: {key}")
+    exported = load_file(str(tmp_path / "two/export/stage_c.safetensors"))
+    assert exported.keys() and all(torch.isfinite(t).all() for t in exported.values())

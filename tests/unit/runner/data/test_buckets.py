@@ -23,16 +23,19 @@ from runner.data.buckets import (
 
 @pytest.mark.parametrize("cells", [1, 3, 18, 24, 25, 32, 36])
 def test_cells_to_pixels(cells):
-    # one cell = 32 encoder px (effnet stride) = 32 / 0.75 training px = 128/3 px
+    # one cell = 32 encoder px (effnet stride); the training size samples back to exactly `cells` cells
+    from cascade_core.models.latent_size import stage_c_latent_size
+
     training, encoder = cells_to_pixels(cells)
     assert encoder == 32 * cells
-    exact = Fraction(128 * cells, 3)
-    assert abs(training - exact) <= Fraction(1, 3)
+    assert stage_c_latent_size(training, training) == (cells, cells)
+    assert stage_c_latent_size(training + 4, training + 4) != (cells, cells)  # the largest such size
+    assert abs(training - Fraction(128 * cells, 3)) < 4
 
 
 def test_reference_sizes():
     assert cells_to_pixels(24) == (1024, 768)  # FACTS_official §1: 768 px effnet -> 24x24 latents
-    assert Bucket(18, 32).pixel_size == (768, 1365)  # 32 * 128/3 = 1365.33
+    assert Bucket(18, 32).pixel_size == (768, 1364)  # largest multiple of 4 with ceil(px / 42.67) == 32
     assert Bucket(18, 32).encoder_size == (576, 1024)
     with pytest.raises(ValueError, match="at least 1 latent cell"):
         cells_to_pixels(0)
