@@ -8,13 +8,26 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["StageC", "StageCConfig", "load_stage_c", "save_stage_c"]
+__all__ = [
+    "StageC",
+    "StageCConfig",
+    "load_stage_c",
+    "save_stage_c",
+    "load_effnet",
+    "load_previewer",
+    "load_stage_a",
+    "load_stage_b",
+]
 
 _LAZY = {
     "StageC": "cascade_core.models.stage_c",
     "StageCConfig": "cascade_core.models.stage_c",
-    "load_stage_c": "cascade_core.checkpoint_io",
-    "save_stage_c": "cascade_core.checkpoint_io",
+    "load_stage_c": "cascade_core.stage_c_io",
+    "save_stage_c": "cascade_core.stage_c_io",
+    "load_effnet": "cascade_core.decoder_io",
+    "load_previewer": "cascade_core.decoder_io",
+    "load_stage_a": "cascade_core.decoder_io",
+    "load_stage_b": "cascade_core.decoder_io",
 }
 
 

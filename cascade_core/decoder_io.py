@@ -22,10 +22,10 @@ from torch import Tensor, nn
 
 from cascade_core.checkpoint_io import (
     WEIGHTS_NAME,
+    CastStateDict,
     CheckpointError,
     PrefixedStateDict,
     SafetensorsStateDict,
-    _CastStateDict,
     materialize_module,
     resolve_checkpoint_files,
     shape_of,
@@ -302,7 +302,7 @@ def load_stage_b(
 
 
 def _cast(state: Mapping[str, Tensor], dtype: torch.dtype | None) -> Mapping[str, Tensor]:
-    return state if dtype is None else _CastStateDict(state, dtype)
+    return state if dtype is None else CastStateDict(state, dtype)
 
 
 def _single_file(path: Path) -> Path:

@@ -80,7 +80,8 @@ def base_weight_dtype(recipe: Recipe) -> torch.dtype:
 
 def build_prior(recipe: Recipe, device: torch.device) -> nn.Module:
     """Stage C loaded from its checkpoint, int8-quantized and LoRA-wrapped as the recipe says."""
-    from cascade_core.checkpoint_io import CheckpointError, load_stage_c
+    from cascade_core.checkpoint_io import CheckpointError
+    from cascade_core.stage_c_io import load_stage_c
 
     spec = recipe.model.prior
     path, subfolder = _loader_source(spec, "model.prior")
@@ -133,7 +134,8 @@ def attach_lora(prior: nn.Module, recipe: Recipe) -> list[str]:
 
 
 def custom_lora_targets(prior: nn.Module, patterns: tuple[str, ...]) -> list[str]:
-    """Target names (module paths; `<attn>.in_proj` for the fused q/k/v) fully matching the recipe's regexes."""
+    """Target names (module paths; `<attn>.in_proj` for the fused q/k/v) fully matching the recipe's
+    regexes."""
     import re
 
     from cascade_core.peft.lora import lora_target_shapes

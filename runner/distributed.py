@@ -283,7 +283,7 @@ class Dist:
             return prior
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        from cascade_core.checkpoint_io import load_stage_c
+        from cascade_core.stage_c_io import load_stage_c
 
         full = get_model_state_dict(prior, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.is_main:

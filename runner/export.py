@@ -81,8 +81,9 @@ def export_training_result(recipe: Recipe, prior: nn.Module, ema: EMA | None, ou
     The output folder is the run's own (guarded by checkpoint.prepare_output_dir), so earlier exports of
     the same run are replaced. Returns the written paths, README.txt last.
     """
-    from cascade_core.checkpoint_io import CheckpointError, detect_stage_c_checkpoint
+    from cascade_core.checkpoint_io import CheckpointError
     from cascade_core.peft.lora import lora_target_shapes
+    from cascade_core.stage_c_io import detect_stage_c_checkpoint
     from runner.export_io import (
         EXPORT_DTYPES,
         encode_lora,
@@ -181,13 +182,10 @@ def _carried_metadata(metadata: dict[str, str]) -> tuple[list[str], dict | None]
 
 def run_export(args: argparse.Namespace) -> int:
     """Convert a LoRA file to another format, or merge it into the base weights; verified after writing."""
-    from cascade_core.checkpoint_io import (
-        CheckpointError,
-        detect_stage_c_checkpoint,
-        resolve_checkpoint_files,
-    )
+    from cascade_core.checkpoint_io import CheckpointError, resolve_checkpoint_files
     from cascade_core.models.stage_c import StageC
     from cascade_core.peft.lora import lora_target_shapes
+    from cascade_core.stage_c_io import detect_stage_c_checkpoint
     from runner.export_io import (
         EXPORT_DTYPES,
         WHERE,

@@ -84,7 +84,7 @@ def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 
 def lora_deltas(native: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
     """target -> ((alpha / r) * up @ down, |alpha / r| * |up| @ |down|) in float32, both [out, in]."""
-    from cascade_core.peft.formats import split_native
+    from cascade_core.peft.native import split_native
 
     out = {}
     for target, (down, up, alpha) in split_native(native).items():
@@ -164,7 +164,7 @@ def lora_metadata(
     recipe: dict | None = None,
 ) -> dict[str, str]:
     """Header metadata of our native file: rank, alpha, targets, base, trigger words, recipe."""
-    from cascade_core.peft.formats import split_native
+    from cascade_core.peft.native import split_native
 
     entries = split_native(native)
     ranks = sorted({int(d.shape[0]) for d, _, _ in entries.values()})
@@ -272,7 +272,8 @@ def _check_weights(
 ) -> str:
     """Re-detect the written checkpoint from its header, check architecture, keys and shapes, then compare
     every tensor with what should have been written (relative to the tensor's largest magnitude)."""
-    from cascade_core.checkpoint_io import detect_stage_c_checkpoint, key_report, shape_of
+    from cascade_core.checkpoint_io import key_report, shape_of
+    from cascade_core.stage_c_io import detect_stage_c_checkpoint
 
     found = detect_stage_c_checkpoint(path)
     if found.config != config:
@@ -313,7 +314,7 @@ def _check_weights(
 def write_full(model: nn.Module, path: Path, layout: str, dtype: torch.dtype) -> Written:
     """The model's weights in `layout` ('original' file or 'diffusers' folder), verified against the live
     weights (a diffusers folder is read back through the diffusers -> original conversion)."""
-    from cascade_core.checkpoint_io import save_stage_c, stage_c_state_dict
+    from cascade_core.stage_c_io import save_stage_c, stage_c_state_dict
 
     expected = MergedStateDict(stage_c_state_dict(model, "original"), {}, dtype)  # cast lazily
     staged = _staged(path)

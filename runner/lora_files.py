@@ -113,8 +113,8 @@ def _copy_into_existing(model: nn.Module, native: dict[str, Tensor], name: str, 
 
     A different alpha is folded into lora_up (exact), so the effective weights equal the file's.
     """
-    from cascade_core.peft.formats import split_native
     from cascade_core.peft.lora import iter_lora_adapters
+    from cascade_core.peft.native import split_native
 
     live = {target: adapter for target, _, adapter in iter_lora_adapters(model, name)}
     entries = split_native(native)

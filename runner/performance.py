@@ -12,6 +12,9 @@
   that one, so a shape or dtype it cannot serve fails loudly instead of silently falling back.
 
 Call `apply_performance` after LoRA injection / int8 quantization and before DDP/FSDP wrapping.
+Measured on one H200 (tools/bench_train_step.py, stage-c LoRA, bf16 weights): `blocks` costs ~30 s
+of warm-up and takes batch 16 from 0.506 to 0.386 s/step; at batch 4 the step is bound by the host
+(kernel launches), so compiling alone barely moves it (0.233 -> 0.229 s).
 """
 
 from __future__ import annotations

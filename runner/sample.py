@@ -233,9 +233,10 @@ def load_models(args: argparse.Namespace, device: Any, dtype: Any) -> tuple[Any,
     """(CascadeModels, where each model came from) for the options in `args`."""
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-    from cascade_core.checkpoint_io import CheckpointError, load_stage_c
+    from cascade_core.checkpoint_io import CheckpointError
     from cascade_core.decoder_io import load_previewer, load_stage_a, load_stage_b
     from cascade_core.pipeline import CascadeModels
+    from cascade_core.stage_c_io import load_stage_c
     from runner.hub import HubError, looks_like_repo_id
 
     source = args.model

@@ -25,9 +25,13 @@ def validation_prompts(spec: ValidationSpec) -> list[str]:
         try:
             library = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
-            raise UserError(f"validation.prompt_library {path}: {err}; give a JSON object of name -> prompt")
+            raise UserError(
+                f"validation.prompt_library {path}: {err}; give a JSON object of name -> prompt"
+            ) from None
         if not isinstance(library, dict) or not all(isinstance(v, str) for v in library.values()):
-            raise UserError(f"validation.prompt_library {path}: expected a JSON object of name -> prompt text")
+            raise UserError(
+                f"validation.prompt_library {path}: expected a JSON object of name -> prompt text"
+            )
         prompts += list(library.values())
     return prompts
 

@@ -23,7 +23,10 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = {"stage-c-lite": ("stage_c_lite_lora.yaml", "prior_lite"), "stage-c": ("stage_c_lora.yaml", "prior")}
+RECIPES = {  # flavour -> (recipe, prior subfolder)
+    "stage-c-lite": ("stage_c_lite_lora.yaml", "prior_lite"),
+    "stage-c": ("stage_c_lora.yaml", "prior"),
+}
 SIZES = [(1024, 1024), (1216, 832), (832, 1216), (1344, 768), (1100, 1100)]
 
 
@@ -106,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides += [
             f"model.prior.subfolder={subfolder}", f"data.sources.0.path={work / 'shards'}/*.tar",
             f"output.dir={out}", "output.overwrite=true", f"training.max_steps={args.steps}",
-            f"checkpoints.every_n_steps={args.steps}", f"training.scheduler.warmup_steps={max(1, args.steps // 10)}", f"validation.every_n_steps={args.steps // 2}",
+            f"checkpoints.every_n_steps={args.steps}", f"validation.every_n_steps={args.steps // 2}",
+            f"training.scheduler.warmup_steps={max(1, args.steps // 10)}",
             f"data.cache.text_embeddings_dir={work / 'cache' / 'text'}", "logging.progress_bar=false",
             "data.workers=6", "device=cuda", *args.override]
         wall = run([py, "-m", "runner", f"recipes/{recipe}", *overrides], work / f"train_{flavour}.log")

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cascade_core.checkpoint_io import load_stage_c, save_stage_c  # noqa: E402
 from cascade_core.models.stage_c import StageC, StageCConfig  # noqa: E402
+from cascade_core.stage_c_io import load_stage_c, save_stage_c  # noqa: E402
 
 GIB = 2**30
 

@@ -7,7 +7,9 @@ A case is `impl:flavour:mode:batch[:flag,...]`: impl `ours` | `diffusers`; flavo
 `stage-c-lite` | `tiny`; mode `fp32` (TF32 off) | `tf32` | `bf16-autocast` (fp32 weights) | `bf16`
 (frozen base in bf16, LoRA in fp32) | `int8` (ours: int8 base, bf16 activations, LoRA fp32); flags
 `ckpt` (gradient checkpointing), `compile` (ours: runner.performance.compile_blocks),
-`nchw` (ours: contiguous activations instead of channels-last, for A/B).
+`nchw` (ours: contiguous activations instead of channels-last, for A/B), `graph` (ours, experimental:
+the whole step captured as one CUDA graph and replayed; on torch 2.11 / H200 the replay hit an illegal
+memory access with cuDNN and with flash attention alike, 2026-11-29, not yet understood).
 
 Both models are built from random weights on the meta device and materialized on the GPU (no CPU
 copy), LoRA rank 16 / alpha 16 on the attention projections (ours: fused in_proj + out_proj,
@@ -43,10 +45,11 @@ from cascade_core.formats import original_to_diffusers_config  # noqa: E402
 from cascade_core.models.stage_c import StageC, StageCConfig  # noqa: E402
 from cascade_core.peft.lora import inject_lora  # noqa: E402
 from cascade_core.quant.int8 import quantize_model_  # noqa: E402
-from runner.performance import compile_blocks  # noqa: E402
+from runner.performance import compile_blocks, set_attention_backend  # noqa: E402
 
 MODES = ("fp32", "tf32", "bf16-autocast", "bf16", "int8")
 RANK, TEXT_TOKENS, LATENT = 16, 77, 24
+SPEED_FLAGS = frozenset({"compile", "nchw", "graph"})  # ours only; none changes the maths
 DEFAULT_CASES = [
     *(
         f"{impl}:stage-c:{mode}:4"
@@ -80,10 +83,12 @@ class Case:
             raise SystemExit(f"case {text!r}: expected impl:flavour:mode:batch[:flags]")
         impl, flavour, mode, batch = parts[:4]
         flags = frozenset(f for f in (parts[4].split(",") if len(parts) == 5 else []) if f)
-        if impl not in ("ours", "diffusers") or mode not in MODES or flags - {"ckpt", "compile", "nchw"}:
+        if impl not in ("ours", "diffusers") or mode not in MODES or flags - {"ckpt", *SPEED_FLAGS}:
             raise SystemExit(f"case {text!r}: unknown impl, mode or flag")
-        if impl == "diffusers" and (mode == "int8" or flags & {"compile", "nchw"}):
-            raise SystemExit(f"case {text!r}: int8 / compile / nchw are cases of ours only")
+        if impl == "diffusers" and (mode == "int8" or flags & SPEED_FLAGS):
+            raise SystemExit(f"case {text!r}: int8 / compile / nchw / graph are cases of ours only")
+        if {"graph", "ckpt"} <= flags:
+            raise SystemExit(f"case {text!r}: graph capture does not support gradient checkpointing")
         return cls(impl, flavour, mode, int(batch), flags)
 
     @property
@@ -122,8 +127,6 @@ def build_ours(case: Case, device: torch.device) -> nn.Module:
     model.set_gradient_checkpointing("ckpt" in case.flags)
     if "nchw" in case.flags:
         model.memory_format = torch.contiguous_format
-    if "compile" in case.flags:
-        compile_blocks(model)
     return model.train()
 
 
@@ -167,7 +170,8 @@ def make_step(case: Case, model: nn.Module, inputs: dict[str, Tensor]) -> Callab
     clips = {k: inputs[k].to(act) for k in ("clip_text", "clip_text_pooled", "clip_img")}
     params = [p for p in model.parameters() if p.requires_grad]
     fused = params[0].is_cuda
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused or None)
+    capturable = {"capturable": True} if "graph" in case.flags else {}
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused or None, **capturable)
     autocast = case.mode == "bf16-autocast"
     if case.impl == "ours":
         r = inputs["r"]
@@ -190,6 +194,28 @@ def make_step(case: Case, model: nn.Module, inputs: dict[str, Tensor]) -> Callab
         return loss.detach()
 
     return step
+
+
+def capture_step(step: Callable[[], object], warmup: int = 3) -> Callable[[], object]:
+    """`step` captured as one CUDA graph (warm-up on a side stream first); returns its replay.
+
+    Why: at batch 4 the step is host-bound (GPU idle 40-55% of each step, see the profiles). Needs
+    fixed shapes, static input tensors, a capturable optimizer, no host syncs, no checkpointing."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    def replay() -> object:
+        graph.replay()
+        return out
+
+    return replay
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -243,25 +269,32 @@ def run_case(case: Case, device: torch.device, args, flops_cache: dict, peak: fl
     model = builder(case, device)
     step = make_step(case, model, make_inputs(case.batch, StageCConfig.preset(case.flavour), device))
     result: dict = {"case": case.label, **asdict(case), "flags": sorted(case.flags)}
+    key = (case.impl, case.flavour, case.batch, "ckpt" in case.flags)
+    if key not in flops_cache:
+        flops_cache[key] = count_flops(step)  # one eager step, before compile / capture
+    if "compile" in case.flags:
+        compile_blocks(model)
+    start = time.perf_counter()
+    if "graph" in case.flags:
+        step = capture_step(step, warmup=args.warmup)
     first = timed(step, device)  # includes torch.compile when on, cuDNN/cuBLAS autotuning otherwise
+    setup = time.perf_counter() - start
     for _ in range(args.warmup - 1):
         step()
-    key = (case.impl, case.flavour, case.batch, "ckpt" in case.flags)
-    if key not in flops_cache and "compile" not in case.flags:
-        flops_cache[key] = count_flops(step)
     free(device)
     times = [timed(step, device) for _ in range(args.steps)]
     s = statistics.median(times)
-    flops = flops_cache.get(key)
+    flops = flops_cache[key]
     result.update(
         s_per_step=round(s, 4),
         step_times=[round(t, 4) for t in times],
         peak_gib=round(peak_gib(device), 2),
-        tflop_per_step=round(flops / 1e12, 2) if flops else None,
-        tflops=round(flops / s / 1e12, 1) if flops else None,
-        util_pct=round(100 * flops / s / 1e12 / peak, 1) if flops else None,
+        reserved_gib=round(torch.cuda.memory_reserved(device) / 2**30, 2) if device.type == "cuda" else None,
+        tflop_per_step=round(flops / 1e12, 2),
+        tflops=round(flops / s / 1e12, 1),
+        util_pct=round(100 * flops / s / 1e12 / peak, 1),
         first_step_s=round(first, 2),
-        compile_s=round(first - s, 1) if "compile" in case.flags else None,
+        compile_s=round(setup - s, 1) if case.flags & {"compile", "graph"} else None,
     )
     if case.label in args.profile_cases:
         name = "".join(ch if ch.isalnum() else "_" for ch in case.label)
@@ -278,7 +311,7 @@ def ratios(results: list[dict]) -> list[dict]:
     for label, ours in by.items():
         if not label.startswith("ours:"):
             continue
-        flags = set(ours["flags"]) - {"compile", "nchw"}
+        flags = set(ours["flags"]) - SPEED_FLAGS
         tail = ":" + ",".join(sorted(flags)) if flags else ""
         other = f"diffusers:{ours['flavour']}:{ours['mode']}:{ours['batch']}{tail}"
         pairs = [other] + ([other.replace(":tf32:", ":fp32:")] if ours["mode"] == "tf32" else [])
@@ -304,8 +337,9 @@ def targets(results: list[dict]) -> dict:
         found = [by[label] for label in labels if label in by]
         return min(found, key=lambda r: r["s_per_step"]) if found else None
 
-    b4 = best("ours:stage-c:bf16:4", "ours:stage-c:bf16:4:compile")
-    b16 = best("ours:stage-c:bf16:16", "ours:stage-c:bf16:16:compile")
+    fast = ("", ":compile", ":graph", ":compile,graph")  # product switches (nchw is an A/B only)
+    b4 = best(*(f"ours:stage-c:bf16:4{f}" for f in fast))
+    b16 = best(*(f"ours:stage-c:bf16:16{f}" for f in fast))
     int8 = by.get("ours:stage-c:int8:4:ckpt")
     ours32, d32 = by.get("ours:stage-c:tf32:4"), by.get("diffusers:stage-c:fp32:4")
     return {
@@ -351,8 +385,24 @@ def print_table(results: list[dict]) -> None:
 def merge(paths: list[Path], out: Path) -> dict:
     """One report from several runs (e.g. eager and compile cases run separately); later cases win."""
     reports = [json.loads(p.read_text()) for p in paths]
-    merged = {k: v for r in reports for k, v in r.items() if k not in ("results", "ratios", "targets")}
-    by_case = {r["case"]: r for report in reports for r in report["results"]}
+    merged = {
+        k: v for r in reversed(reports) for k, v in r.items() if k not in ("results", "ratios", "targets")
+    }
+    merged["matmul_peak_tflops_per_run"] = [r["matmul_peak_tflops"] for r in reports]
+    by_case = {}
+    for report in reports:
+        for r in report["results"]:
+            by_case[r["case"]] = {**r, "matmul_peak_tflops": report["matmul_peak_tflops"]}
+    flops = {
+        (r["impl"], r["flavour"], r["batch"], "ckpt" in r["flags"]): r["tflop_per_step"]
+        for r in by_case.values()
+        if r.get("tflop_per_step")
+    }
+    for r in by_case.values():  # runs that skipped the count take it from the same model and batch
+        tflop = flops.get((r.get("impl"), r.get("flavour"), r.get("batch"), "ckpt" in r.get("flags", [])))
+        if "s_per_step" in r and not r.get("tflop_per_step") and tflop:
+            r["tflop_per_step"], r["tflops"] = tflop, round(tflop / r["s_per_step"], 1)
+            r["util_pct"] = round(100 * r["tflops"] / r["matmul_peak_tflops"], 1)  # its own run's peak
     merged["results"] = list(by_case.values())
     merged["ratios"], merged["targets"] = ratios(merged["results"]), targets(merged["results"])
     out.write_text(json.dumps(merged, indent=1))
@@ -369,6 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--profile", type=int, nargs="*", default=[], help="indices in --cases to profile")
+    parser.add_argument("--attention-backend", default="auto", help="runner.performance SDPA choice")
     parser.add_argument("--attention", action="store_true", help="also time SDPA backends at Stage C's shape")
     parser.add_argument("--merge", nargs="*", default=None, help="only merge these JSON reports into --out")
     parser.add_argument("--out", default="bench_train_step.json")
@@ -380,7 +431,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.with_diffusers:
         cases = [c for c in cases if c.impl == "ours"]
     device = torch.device(args.device)
+    set_attention_backend(args.attention_backend)
     report: dict = {
+        "attention_backend": args.attention_backend,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "torch": torch.__version__,
         "matmul_peak_tflops": round(matmul_peak(device), 1),

@@ -46,13 +46,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from cascade_core.checkpoint_io import save_stage_c
 from cascade_core.decoder_io import save_effnet, save_previewer, save_stage_a, save_stage_b
 from cascade_core.models.effnet import EfficientNetEncoder
 from cascade_core.models.previewer import Previewer
 from cascade_core.models.stage_a import StageA
 from cascade_core.models.stage_b import StageB, StageBConfig
 from cascade_core.models.stage_c import StageC, StageCConfig
+from cascade_core.stage_c_io import save_stage_c
 
 FORMAT = "cascade-runner-tiny-checkpoints/1"
 TEXT_HIDDEN = 24

@@ -51,7 +51,8 @@ def write_images(folder: Path) -> int:
         if array.dtype == bool:
             array = array.astype(np.uint8) * 255
         if array.dtype != np.uint8:
-            array = (255 * (array - array.min()) / max(float(array.max() - array.min()), 1e-8)).astype(np.uint8)
+            span = max(float(array.max() - array.min()), 1e-8)
+            array = (255 * (array - array.min()) / span).astype(np.uint8)
         Image.fromarray(array).convert("RGB").save(png)
         txt.write_text(caption + "\n", encoding="utf-8")
         written += 1
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     images = root / "quickstart_data" / "images"
     print(f"quickstart images: {write_images(images)} written, {len(PHOTOS)} in {images}")
     run([str(TOOLS / "shard_dataset.py"), "--input", str(images), "--output",
-         str(root / "quickstart_data" / "shards"), "--caption-strategy", "textfile", "--samples-per-shard", "6"])
+         str(root / "quickstart_data" / "shards"), "--caption-strategy", "textfile",
+         "--samples-per-shard", "6"])
     return 0
 
 

@@ -26,13 +26,13 @@ sys.path.insert(0, str(TOOLS))
 
 from make_tiny_checkpoints import write_tokenizer  # noqa: E402
 
-from cascade_core.checkpoint_io import save_stage_c  # noqa: E402
 from cascade_core.decoder_io import save_effnet, save_previewer, save_stage_a, save_stage_b  # noqa: E402
 from cascade_core.models.effnet import EfficientNetEncoder  # noqa: E402
 from cascade_core.models.previewer import Previewer  # noqa: E402
 from cascade_core.models.stage_a import StageA  # noqa: E402
 from cascade_core.models.stage_b import StageB, StageBConfig  # noqa: E402
 from cascade_core.models.stage_c import StageC, StageCConfig  # noqa: E402
+from cascade_core.stage_c_io import save_stage_c  # noqa: E402
 
 PRIOR_FOLDERS = {"stage-c": "prior", "stage-c-lite": "prior_lite"}
 STAGE_A_REAL = {"levels": 2, "bottleneck_blocks": 12, "c_hidden": 384, "c_latent": 4, "codebook_size": 8192}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -149,34 +150,16 @@ def sample(
     x_init: Tensor,
     cond: Cond,
     *,
-    sampler: str,
-    steps: int,
-    shift: float,
-    cfg: float | None,
-    uncond: Cond = None,
-    cfg_rho: float = 0.7,
-    t_start: float = 1.0,
-    generator: torch.Generator | None = None,
-    noise_fn: NoiseFn | None = None,
     callback: Callable[[SamplerStep], None] | None = None,
+    **options: Any,
 ) -> Tensor:
-    """Run iterate_sampler to the end and return the last step's x0 (what the official pipelines keep)."""
+    """Run iterate_sampler to the end and return the last step's x0 (what the official pipelines keep).
+
+    `options` are iterate_sampler's keyword arguments (sampler, steps, shift, cfg, ...), passed through so
+    the two cannot drift apart; `callback` sees every step."""
     last = None
     with torch.no_grad():
-        for step in iterate_sampler(
-            model,
-            x_init,
-            cond,
-            sampler=sampler,
-            steps=steps,
-            shift=shift,
-            cfg=cfg,
-            uncond=uncond,
-            cfg_rho=cfg_rho,
-            t_start=t_start,
-            generator=generator,
-            noise_fn=noise_fn,
-        ):
+        for step in iterate_sampler(model, x_init, cond, **options):
             if callback is not None:
                 callback(step)
             last = step

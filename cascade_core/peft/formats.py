@@ -20,7 +20,7 @@ fusing split q/k/v back is exact too: same rank when the three downs and alphas 
 stacked rank-(sum of ranks) factor with each part's scale folded into its block of lora_up.
 
 `shapes` arguments map target names to base weight shapes (`lora.lora_target_shapes(model)`, or
-`targets_from_checkpoint_shapes` for a checkpoint key -> shape manifest).
+`native.targets_from_checkpoint_shapes` for a checkpoint key -> shape manifest).
 """
 
 from __future__ import annotations
@@ -44,22 +44,16 @@ from cascade_core.peft.native import (
     join_native,
     mismatch_error,
     most_common,
-    native_keys,
     natural_key,
     rank_check,
     split_native,
-    targets_from_checkpoint_shapes,
 )
 
+# The two error types come from native.py; they are listed here because these functions raise them.
 __all__ = [
     "LORA_FORMATS",
     "LoRAFormatError",
     "LoRAMismatchError",
-    "native_keys",
-    "split_native",
-    "join_native",
-    "targets_from_checkpoint_shapes",
-    "check_lora_fits",
     "detect_lora_format",
     "convert_to_native",
     "convert_from_native",

@@ -12,25 +12,24 @@ from safetensors.torch import load_file, save_file
 from cascade_core import StageC, StageCConfig, load_stage_c, save_stage_c
 from cascade_core.checkpoint_io import (
     CheckpointError,
-    detect_stage_c_checkpoint,
     materialize_module,
     read_safetensors_state_dict,
     resolve_checkpoint_files,
-    stage_c_state_dict,
     write_safetensors,
 )
+from cascade_core.stage_c_io import detect_stage_c_checkpoint, stage_c_state_dict
 
 NON_WEIGHTS = ("input.", "output.", "intermediate.")
 
 
 @pytest.fixture(scope="module")
-def diffusers_golden(golden_dir):
-    return load_file(golden_dir / "diffusers_prior_tiny.safetensors")
+def diffusers_golden(golden_files):
+    return golden_files.load("diffusers_prior_tiny.safetensors")
 
 
 @pytest.fixture(scope="module")
-def original_golden(golden_dir):
-    return load_file(golden_dir / "original_prior_tiny.safetensors")
+def original_golden(golden_files):
+    return golden_files.load("original_prior_tiny.safetensors")
 
 
 def _weights(tensors):

@@ -6,25 +6,15 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from cascade_core.models.effnet import EfficientNetEncoder, encode_stage_c_latents, imagenet_normalize
 from cascade_core.models.latent_size import encoder_pixel_size, stage_c_latent_size
 
 
-def _weights(golden: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # fp16-stored weights; the reference output was computed from them cast back to float32
-    return {
-        k[len("model.") :]: v.float() if v.is_floating_point() else v
-        for k, v in golden.items()
-        if k.startswith("model.")
-    }
-
-
-def test_golden_latent(golden_dir):
-    golden = load_file(golden_dir / "effnet.safetensors")
+def test_golden_latent(golden_files):
+    golden = golden_files.load("effnet.safetensors")
     model = EfficientNetEncoder()
-    model.load_state_dict(_weights(golden), strict=True)
+    model.load_state_dict(golden_files.weights(golden, as_float32=True), strict=True)
     normalized = imagenet_normalize(golden["input.image_01"])
     torch.testing.assert_close(normalized, golden["input.image_normalized"], rtol=0, atol=1e-6)
     with torch.no_grad():

@@ -146,16 +146,14 @@ def test_meta_build_then_tensor_by_tensor_load(batch):
         assign_int8_weight_(model, "clf.1.weight", torch.zeros(4, 16, 1, 1))
 
 
-def test_stage_c_quantized_while_loading(golden_dir):
+def test_stage_c_quantized_while_loading(golden_files):
     """The real tiny Stage C, built on meta and filled from the golden file without a float copy of the
     quantized layers, equals the float model quantized after loading."""
-    from safetensors.torch import load_file
-
     from cascade_core.checkpoint_io import materialize_module
     from cascade_core.models.stage_c import StageC, StageCConfig
 
-    tensors = load_file(str(golden_dir / "stage_c_tiny.safetensors"))
-    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    tensors = golden_files.load("stage_c_tiny.safetensors")
+    state = golden_files.weights(tensors)
     args = [tensors[f"input.{n}"] for n in ("x", "r", "clip_text", "clip_text_pooled", "clip_img")]
     reference = StageC(StageCConfig.preset("tiny")).eval()
     reference.load_state_dict(state)

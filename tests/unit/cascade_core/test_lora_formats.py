@@ -16,10 +16,9 @@ from cascade_core.peft.formats import (
     convert_to_native,
     detect_lora_format,
     official_embeddings,
-    split_native,
-    targets_from_checkpoint_shapes,
 )
 from cascade_core.peft.lora import load_lora_state_dict, lora_target_shapes, merge_lora
+from cascade_core.peft.native import split_native, targets_from_checkpoint_shapes
 
 GOLDEN_LORAS = {
     "tiny_lora_official_stability": "official",

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from cascade_core.checkpoint_io import load_stage_c
 from cascade_core.decoder_io import load_previewer, load_stage_a, load_stage_b
 from cascade_core.models.text import encode_text
 from cascade_core.pipeline import (
@@ -18,6 +17,7 @@ from cascade_core.pipeline import (
     expand_prompts,
     generate,
 )
+from cascade_core.stage_c_io import load_stage_c
 
 FAST_PRIOR = SamplerSettings(steps=3, guidance=4.0, shift=2.0)
 FAST_DECODER = SamplerSettings(steps=2, guidance=1.1, shift=1.0)

@@ -6,18 +6,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from cascade_core.models.previewer import Previewer
 
 
-def test_golden_image(golden_dir):
-    golden = load_file(golden_dir / "previewer.safetensors")
-    weights = {
-        k[len("model.") :]: v.float() if v.is_floating_point() else v
-        for k, v in golden.items()
-        if k.startswith("model.")
-    }
+def test_golden_image(golden_files):
+    golden = golden_files.load("previewer.safetensors")
+    weights = golden_files.weights(golden, as_float32=True)
     model = Previewer(c_in=16, c_hidden=512, c_out=3).eval()
     model.load_state_dict(weights, strict=True)
     with torch.no_grad():

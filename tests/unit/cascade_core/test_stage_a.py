@@ -6,31 +6,26 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from cascade_core.models.stage_a import StageA, VectorQuantizer, pad_to_multiple
 
 
 @pytest.fixture(scope="module")
-def golden(golden_dir):
-    return load_file(golden_dir / "stage_a_tiny.safetensors")
+def golden(golden_files):
+    return golden_files.load("stage_a_tiny.safetensors")
 
 
 @pytest.fixture(scope="module")
-def tiny(golden):
+def tiny(golden, golden_files):
     model = StageA(
         levels=2, bottleneck_blocks=2, c_hidden=32, c_latent=4, codebook_size=64, scale_factor=0.43
     )
-    model.load_state_dict(
-        {k[len("model.") :]: v for k, v in golden.items() if k.startswith("model.")}, strict=True
-    )
+    model.load_state_dict(golden_files.weights(golden), strict=True)
     return model.eval()
 
 
-def test_golden_config_is_the_one_built(golden_dir):
-    with safe_open(golden_dir / "stage_a_tiny.safetensors", "pt") as f:
-        config = json.loads(f.metadata()["config"])
+def test_golden_config_is_the_one_built(golden_files):
+    config = golden_files.config("stage_a_tiny.safetensors")
     assert config == {
         "levels": 2,
         "bottleneck_blocks": 2,

@@ -6,8 +6,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from cascade_core.models.stage_b import StageB, StageBConfig
 
@@ -15,22 +13,19 @@ CLOSE = dict(rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
-def golden(golden_dir):
-    return load_file(golden_dir / "stage_b_tiny.safetensors")
+def golden(golden_files):
+    return golden_files.load("stage_b_tiny.safetensors")
 
 
 @pytest.fixture(scope="module")
-def tiny(golden):
+def tiny(golden, golden_files):
     model = StageB(StageBConfig.preset("tiny"))
-    model.load_state_dict(
-        {k[len("model.") :]: v for k, v in golden.items() if k.startswith("model.")}, strict=True
-    )
+    model.load_state_dict(golden_files.weights(golden), strict=True)
     return model.eval()
 
 
-def test_tiny_preset_is_the_golden_config(golden_dir):
-    with safe_open(golden_dir / "stage_b_tiny.safetensors", "pt") as f:
-        config = json.loads(f.metadata()["config"])
+def test_tiny_preset_is_the_golden_config(golden_files):
+    config = golden_files.config("stage_b_tiny.safetensors")
     assert StageBConfig.from_dict(config) == StageBConfig.preset("tiny")
     assert StageBConfig.preset("tiny").to_dict() == {k: v for k, v in config.items()}
 

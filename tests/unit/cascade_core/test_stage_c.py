@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from cascade_core import StageC, StageCConfig, load_stage_c
 from cascade_core.models.stage_c import STAGE_C_PRESETS, stage_c_config_from_shapes
@@ -15,8 +14,8 @@ ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def golden(golden_dir):
-    return load_file(golden_dir / "stage_c_tiny.safetensors")
+def golden(golden_files):
+    return golden_files.load("stage_c_tiny.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +28,8 @@ def _inputs(g):
     return g["input.x"], g["input.r"], g["input.clip_text"], g["input.clip_text_pooled"], g["input.clip_img"]
 
 
-def test_golden_config_is_the_tiny_preset(golden_dir, tiny_model):
-    from safetensors import safe_open
-
-    with safe_open(str(golden_dir / "stage_c_tiny.safetensors"), "pt") as f:
-        official = json.loads(f.metadata()["config"])
+def test_golden_config_is_the_tiny_preset(golden_files, tiny_model):
+    official = golden_files.config("stage_c_tiny.safetensors")
     assert StageCConfig.from_dict(official) == StageCConfig.preset("tiny")
     assert tiny_model.config == StageCConfig.preset("tiny")
 
@@ -163,7 +159,7 @@ def test_custom_variant_is_inferred_with_heads_from_width():
 @pytest.mark.parametrize("layout", ["original", "diffusers"])
 def test_real_preset_forward_backward_on_gpu(preset, layout):
     """Full-size weights synthesized on the GPU in each key layout, loaded, then one bf16 training step."""
-    from cascade_core.checkpoint_io import stage_c_state_dict
+    from cascade_core.stage_c_io import stage_c_state_dict
 
     with torch.device("meta"):
         shapes = stage_c_state_dict(StageC(StageCConfig.preset(preset)), layout)

@@ -7,24 +7,14 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from runner.cli import main
 from runner.recipe import read_recipe
 from runner.train import train
 
-RECIPE = """
-device: cpu
-output: {{dir: {out}}}
-model:
-  flavour: tiny
-  prior: {{path: {ckpt}, subfolder: prior}}
-  text_encoder: {{path: {ckpt}, subfolder: text_encoder}}
-  tokenizer: {{path: {ckpt}, subfolder: tokenizer}}
-  effnet: {{path: {ckpt}, filename: effnet_encoder.safetensors}}
-training:
+# what follows conftest.TINY_HEAD (the tiny models) in this file's recipe
+RECIPE = """training:
   mode: lora
   lora: {{rank: 2, alpha: 2}}
   batch_size: 2
@@ -43,18 +33,19 @@ logging: {{report_to: jsonl, progress_bar: false, every_n_steps: 1}}
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
+def dataset(tmp_path_factory, noise_images) -> Path:
     """Three small pictures, one with two captions (4 distinct captions)."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(1)
-    for name, (w, h), caption in [
+    images = [
         ("red", (160, 128), "a red square"),
         ("green", (128, 128), "a green square"),
         ("blue", (128, 170), "a blue square\na blue box"),
-    ]:
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{name}.png")
-        (folder / f"{name}.txt").write_text(caption, encoding="utf-8")
-    return folder
+    ]
+    return noise_images(tmp_path_factory.mktemp("images"), images, 1)
+
+
+@pytest.fixture
+def recipe(write_tiny_recipe, dataset) -> Path:
+    return write_tiny_recipe(RECIPE, dataset, "tiny.yaml")
 
 
 def counts(out: str, what: str) -> tuple[int, int]:
@@ -63,12 +54,7 @@ def counts(out: str, what: str) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
-def test_cache_fills_then_hits_and_training_uses_it(tmp_path, tiny_checkpoints, dataset, capsys) -> None:
-    recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(
-        RECIPE.format(out=tmp_path / "run", ckpt=tiny_checkpoints, data=dataset, cache=tmp_path / "cache"),
-        encoding="utf-8",
-    )
+def test_cache_fills_then_hits_and_training_uses_it(tmp_path, recipe, capsys) -> None:
     assert main(["cache", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert counts(out, "text embeddings") == (0, 4)
@@ -90,11 +76,6 @@ def test_cache_fills_then_hits_and_training_uses_it(tmp_path, tiny_checkpoints, 
     assert rows[-1]["text_cache_hits"] == 2 and rows[-1]["latent_cache_hits"] == 2
 
 
-def test_cache_with_both_caches_off_is_a_user_error(tmp_path, tiny_checkpoints, dataset, capsys) -> None:
-    recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(
-        RECIPE.format(out=tmp_path / "run", ckpt=tiny_checkpoints, data=dataset, cache=tmp_path / "cache"),
-        encoding="utf-8",
-    )
+def test_cache_with_both_caches_off_is_a_user_error(recipe, capsys) -> None:
     assert main(["cache", str(recipe), "data.cache.text_embeddings=false", "data.cache.latents=false"]) == 2
     assert "both off" in capsys.readouterr().err

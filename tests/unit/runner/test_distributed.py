@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 import runner.train as train_module
@@ -31,16 +30,8 @@ from runner.train import train
 
 pytestmark = pytest.mark.slow
 
-RECIPE = """
-device: cpu
-output: {{dir: {out}}}
-model:
-  flavour: tiny
-  prior: {{path: {ckpt}, subfolder: prior}}
-  text_encoder: {{path: {ckpt}, subfolder: text_encoder}}
-  tokenizer: {{path: {ckpt}, subfolder: tokenizer}}
-  effnet: {{path: {ckpt}, filename: effnet_encoder.safetensors}}
-training:
+# what follows conftest.TINY_HEAD (the tiny models) in this file's recipe
+RECIPE = """training:
   mode: lora
   lora: {{rank: 4, alpha: 4}}
   batch_size: 1
@@ -105,24 +96,14 @@ if __name__ == "__main__":
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
+def dataset(tmp_path_factory, gradient_squares) -> Path:
     """Two same-size pictures: one bucket, so a global batch of 2 is the whole epoch in every layout."""
-    folder = tmp_path_factory.mktemp("images2")
-    rng = np.random.default_rng(0)
-    for i, name in enumerate(("red", "green")):
-        base = np.zeros((128, 128, 3), dtype=np.float32)
-        base[..., i] = np.linspace(0.2, 1.0, 128)[None, :]
-        base += rng.normal(0, 0.05, base.shape).astype(np.float32)
-        Image.fromarray((base.clip(0, 1) * 255).astype(np.uint8)).save(folder / f"{name}.png")
-        (folder / f"{name}.txt").write_text(f"a {name} square\n", encoding="utf-8")
-    return folder
+    return gradient_squares(tmp_path_factory.mktemp("images2"), [("red", (128, 128)), ("green", (128, 128))])
 
 
 @pytest.fixture
-def setup(tmp_path, tiny_checkpoints, dataset) -> tuple[Path, Path]:
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE.format(out=tmp_path / "run", ckpt=tiny_checkpoints, data=dataset,
-                                    cache=tmp_path / "cache"), encoding="utf-8")
+def setup(tmp_path, write_tiny_recipe, dataset) -> tuple[Path, Path]:
+    recipe = write_tiny_recipe(RECIPE, dataset, "recipe.yaml")
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER, encoding="utf-8")
     return recipe, wrapper

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cascade_core.checkpoint_io import load_stage_c, save_stage_c, write_safetensors
+from cascade_core.checkpoint_io import write_safetensors
 from cascade_core.models.stage_c import StageC, StageCConfig
 from cascade_core.peft.formats import convert_to_native, detect_lora_format
 from cascade_core.peft.lora import (
@@ -21,6 +21,7 @@ from cascade_core.peft.lora import (
     lora_target_shapes,
     merge_lora,
 )
+from cascade_core.stage_c_io import load_stage_c, save_stage_c
 from runner.cli import main
 from runner.ema import EMA
 from runner.errors import UserError

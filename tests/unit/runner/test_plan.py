@@ -6,10 +6,8 @@ import json
 import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from runner.cli import main
 from runner.memory_estimate import estimate_memory, prior_sizes, rollout_cost
@@ -40,22 +38,17 @@ def offline_hub(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
+def photos(tmp_path_factory, noise_images) -> Path:
     """Five captioned images in three aspect ratios, one too small, and one without its caption file."""
-    folder = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for name, (w, h), caption in [
+    images = [
         ("a", (1024, 1024), "a cat"),
         ("b", (1200, 900), "a dog"),
         ("c", (900, 1600), "a tree"),
         ("d", (1100, 1100), "a cat\na kitten"),
         ("tiny", (200, 200), "too small"),
         ("nocap", (1024, 1024), None),
-    ]:
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{name}.png")
-        if caption:
-            (folder / f"{name}.txt").write_text(caption, encoding="utf-8")
-    return folder
+    ]
+    return noise_images(tmp_path_factory.mktemp("photos"), images, 0)
 
 
 def local_data(folder: Path) -> list[str]:
@@ -95,7 +88,8 @@ def test_plan_sees_files_already_in_the_hub_cache(offline_hub, capsys) -> None:
 
 
 def test_plan_with_local_data_shows_buckets_steps_and_memory(offline_hub, photos, capsys) -> None:
-    assert main(["plan", LORA, *local_data(photos), "training.max_steps=10", "training.scheduler.warmup_steps=2"]) == 0
+    run_length = ["training.max_steps=10", "training.scheduler.warmup_steps=2"]
+    assert main(["plan", LORA, *local_data(photos), *run_length]) == 0
     out = capsys.readouterr().out
     assert "4 samples" in out
     assert "skipped 1: 1 x missing caption file (e.g. nocap.png)" in out

@@ -11,9 +11,10 @@ import torch
 from huggingface_hub import constants
 from PIL import Image
 
-from cascade_core.checkpoint_io import load_stage_c, write_safetensors
+from cascade_core.checkpoint_io import write_safetensors
 from cascade_core.peft.formats import convert_from_native
 from cascade_core.peft.lora import inject_lora, iter_lora_adapters, lora_state_dict
+from cascade_core.stage_c_io import load_stage_c
 from runner.cli import main
 from runner.errors import UserError
 from runner.sample import parse_lora, parse_size

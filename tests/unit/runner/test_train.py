@@ -4,10 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 import runner.train as train_module
@@ -15,16 +13,8 @@ from runner.errors import UserError
 from runner.recipe import read_recipe
 from runner.train import NonFiniteLossError, train
 
-RECIPE = """
-device: cpu
-output: {{dir: {out}}}
-model:
-  flavour: tiny
-  prior: {{path: {ckpt}, subfolder: prior}}
-  text_encoder: {{path: {ckpt}, subfolder: text_encoder}}
-  tokenizer: {{path: {ckpt}, subfolder: tokenizer}}
-  effnet: {{path: {ckpt}, filename: effnet_encoder.safetensors}}
-  previewer: {{path: {ckpt}, filename: previewer.safetensors}}
+# what follows conftest.TINY_HEAD (the tiny models) in this file's recipe
+RECIPE = """  previewer: {{path: {ckpt}, filename: previewer.safetensors}}
   decoder:
     flavour: tiny
     source: {{path: {ckpt}, subfolder: decoder_lite}}
@@ -58,24 +48,15 @@ logging: {{report_to: jsonl, progress_bar: false}}
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
+def dataset(tmp_path_factory, gradient_squares) -> Path:
     """Four small pictures with captions: flat colours with a gradient, different aspect ratios."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i, (name, size) in enumerate([("red", (160, 128)), ("green", (128, 128)), ("blue", (128, 170)),
-                                      ("grey", (150, 150))]):
-        base = np.zeros((size[1], size[0], 3), dtype=np.float32)
-        base[..., i % 3] = np.linspace(0.2, 1.0, size[0])[None, :]
-        base += rng.normal(0, 0.05, base.shape).astype(np.float32)
-        Image.fromarray((base.clip(0, 1) * 255).astype(np.uint8)).save(folder / f"{name}.png")
-        (folder / f"{name}.txt").write_text(f"a {name} square\n", encoding="utf-8")
-    return folder
+    squares = [("red", (160, 128)), ("green", (128, 128)), ("blue", (128, 170)), ("grey", (150, 150))]
+    return gradient_squares(tmp_path_factory.mktemp("images"), squares)
 
 
-def write_recipe(tmp: Path, ckpt: Path, data: Path, name: str = "run") -> Path:
-    path = tmp / f"{name}.yaml"
-    path.write_text(RECIPE.format(out=tmp / name, ckpt=ckpt, data=data, cache=tmp / "cache"), encoding="utf-8")
-    return path
+@pytest.fixture
+def recipe_path(write_tiny_recipe, dataset) -> Path:
+    return write_tiny_recipe(RECIPE, dataset, "run.yaml")
 
 
 def run(recipe: Path, *overrides: str) -> dict:
@@ -87,10 +68,10 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in rows]
 
 
-def test_same_seed_same_losses_and_files(tmp_path, tiny_checkpoints, dataset):
-    recipe = write_recipe(tmp_path, tiny_checkpoints, dataset)
-    summary = run(recipe, "training.max_steps=3", "checkpoints.every_n_steps=3")
-    run(recipe, "training.max_steps=3", "checkpoints.every_n_steps=3", f"output.dir={tmp_path / 'again'}")
+def test_same_seed_same_losses_and_files(tmp_path, recipe_path):
+    summary = run(recipe_path, "training.max_steps=3", "checkpoints.every_n_steps=3")
+    again = f"output.dir={tmp_path / 'again'}"
+    run(recipe_path, "training.max_steps=3", "checkpoints.every_n_steps=3", again)
     first, second = losses(tmp_path / "run"), losses(tmp_path / "again")
     assert len(first) == 3 and first == second
     assert summary["skipped_steps"] == 0
@@ -101,17 +82,15 @@ def test_same_seed_same_losses_and_files(tmp_path, tiny_checkpoints, dataset):
     assert exported and all(torch.isfinite(t).all() for t in exported.values())
 
 
-def test_existing_output_is_never_overwritten(tmp_path, tiny_checkpoints, dataset):
-    recipe = write_recipe(tmp_path, tiny_checkpoints, dataset)
-    run(recipe, "training.max_steps=1", "checkpoints.every_n_steps=1")
+def test_existing_output_is_never_overwritten(tmp_path, recipe_path):
+    run(recipe_path, "training.max_steps=1", "checkpoints.every_n_steps=1")
     with pytest.raises(UserError, match="not empty"):
-        run(recipe, "training.max_steps=1")
+        run(recipe_path, "training.max_steps=1")
 
 
-def test_resume_is_exact(tmp_path, tiny_checkpoints, dataset, monkeypatch):
+def test_resume_is_exact(tmp_path, recipe_path, monkeypatch):
     """6 straight steps == 3 steps, a crash, and a resume for the other 3 (bit for bit on CPU)."""
-    recipe = write_recipe(tmp_path, tiny_checkpoints, dataset)
-    run(recipe, f"output.dir={tmp_path / 'straight'}")
+    run(recipe_path, f"output.dir={tmp_path / 'straight'}")
 
     real_loss = train_module.stage_c_loss
     calls = {"n": 0}
@@ -124,10 +103,10 @@ def test_resume_is_exact(tmp_path, tiny_checkpoints, dataset, monkeypatch):
 
     monkeypatch.setattr(train_module, "stage_c_loss", crash_on_fourth_step)
     with pytest.raises(KeyboardInterrupt):
-        run(recipe, f"output.dir={tmp_path / 'resumed'}")
+        run(recipe_path, f"output.dir={tmp_path / 'resumed'}")
     monkeypatch.setattr(train_module, "stage_c_loss", real_loss)
     assert (tmp_path / "resumed/checkpoints/latest").read_text().strip() == "step_000003"
-    run(recipe, f"output.dir={tmp_path / 'resumed'}", "checkpoints.resume=latest")
+    run(recipe_path, f"output.dir={tmp_path / 'resumed'}", "checkpoints.resume=latest")
 
     straight = load_file(str(tmp_path / "straight/checkpoints/step_000006/trainable.safetensors"))
     resumed = load_file(str(tmp_path / "resumed/checkpoints/step_000006/trainable.safetensors"))
@@ -137,8 +116,7 @@ def test_resume_is_exact(tmp_path, tiny_checkpoints, dataset, monkeypatch):
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
 
 
-def test_a_nan_step_is_skipped_and_counted(tmp_path, tiny_checkpoints, dataset, monkeypatch):
-    recipe = write_recipe(tmp_path, tiny_checkpoints, dataset)
+def test_a_nan_step_is_skipped_and_counted(tmp_path, recipe_path, monkeypatch):
     real_loss = train_module.stage_c_loss
     calls = {"n": 0}
 
@@ -150,7 +128,7 @@ def test_a_nan_step_is_skipped_and_counted(tmp_path, tiny_checkpoints, dataset, 
         return result
 
     monkeypatch.setattr(train_module, "stage_c_loss", nan_on_second)
-    summary = run(recipe, "training.max_steps=4", "checkpoints.every_n_steps=4")
+    summary = run(recipe_path, "training.max_steps=4", "checkpoints.every_n_steps=4")
     assert summary["skipped_steps"] == 1
     weights = load_file(str(tmp_path / "run/checkpoints/step_000004/trainable.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())
@@ -158,8 +136,7 @@ def test_a_nan_step_is_skipped_and_counted(tmp_path, tiny_checkpoints, dataset, 
     assert rows[1]["loss"] is None and rows[1]["skipped_nonfinite"] == 1
 
 
-def test_nan_every_step_stops_with_a_checkpoint(tmp_path, tiny_checkpoints, dataset, monkeypatch):
-    recipe = write_recipe(tmp_path, tiny_checkpoints, dataset)
+def test_nan_every_step_stops_with_a_checkpoint(tmp_path, recipe_path, monkeypatch):
     real_loss = train_module.stage_c_loss
 
     def always_nan(*args, **kwargs):
@@ -169,17 +146,16 @@ def test_nan_every_step_stops_with_a_checkpoint(tmp_path, tiny_checkpoints, data
 
     monkeypatch.setattr(train_module, "stage_c_loss", always_nan)
     with pytest.raises(NonFiniteLossError, match="training.precision"):
-        run(recipe, "training.max_steps=40", "checkpoints.every_n_steps=40")
+        run(recipe_path, "training.max_steps=40", "checkpoints.every_n_steps=40")
     assert (tmp_path / "run/checkpoints/latest").is_file()
 
 
-def test_loss_falls_on_a_tiny_overfit_set(tmp_path, tiny_checkpoints, dataset):
+def test_loss_falls_on_a_tiny_overfit_set(tmp_path, recipe_path):
     """The trained LoRA lowers the loss on the training latents with the same t and noise."""
     from runner.build import build_effnet, build_loader, build_prior, build_text_encoder
     from runner.lora_files import load_lora_into
     from runner.step import stage_c_loss
 
-    recipe_path = write_recipe(tmp_path, tiny_checkpoints, dataset)
     overrides = ["training.max_steps=40", "checkpoints.every_n_steps=40", "training.caption_dropout=0",
                  "training.learning_rate=1e-2", "training.lora.rank=8", "training.lora.alpha=8"]
     run(recipe_path, *overrides)
@@ -248,16 +224,14 @@ def _probe_loss(recipe_path: Path, overrides: list[str], lora: Path | None) -> f
     (["training.scheduled_sampling.enabled=true", "training.scheduled_sampling.probability=1.0",
       "training.scheduled_sampling.max_offset=2"], "eps_mse+rollout"),
 ])
-def test_experimental_objectives_train_and_lower_the_loss(tmp_path, tiny_checkpoints, dataset, option,
-                                                          objective):
-    recipe = write_recipe(tmp_path, tiny_checkpoints, dataset)
+def test_experimental_objectives_train_and_lower_the_loss(tmp_path, recipe_path, option, objective):
     overrides = ["training.max_steps=30", "checkpoints.every_n_steps=30", "training.caption_dropout=0",
                  "training.learning_rate=1e-2", "training.lora.rank=8", "training.lora.alpha=8", *option]
-    run(recipe, *overrides)
+    run(recipe_path, *overrides)
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert all(r["objective"] == objective and r["loss"] is not None for r in rows)
     if "rollout" in objective:
         assert sum(r["rollout_forwards"] for r in rows) > 0  # the extra forward passes are reported
-    before = _probe_loss(recipe, overrides, None)
-    after = _probe_loss(recipe, overrides, tmp_path / "run/export/lora_native.safetensors")
+    before = _probe_loss(recipe_path, overrides, None)
+    after = _probe_loss(recipe_path, overrides, tmp_path / "run/export/lora_native.safetensors")
     assert after < 0.9 * before, (before, after)

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from cascade_core.checkpoint_io import load_stage_c
 from cascade_core.decoder_io import load_previewer, load_stage_a, load_stage_b
 from cascade_core.pipeline import CascadeModels, SamplerSettings
+from cascade_core.stage_c_io import load_stage_c
 from runner.validation import ValidationJob, make_grid, run_validation, to_pil, validation_dir
 
 FAST = {"prior": SamplerSettings(2, 4.0, 2.0), "decoder": SamplerSettings(2, 1.1, 1.0)}

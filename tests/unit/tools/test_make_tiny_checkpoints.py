@@ -8,9 +8,9 @@ import json
 import torch
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from cascade_core.checkpoint_io import load_stage_c
 from cascade_core.decoder_io import load_effnet, load_previewer, load_stage_a, load_stage_b
 from cascade_core.models.text import encode_text
+from cascade_core.stage_c_io import load_stage_c
 
 ROOT_FILES = [
     "stage_c.safetensors",
