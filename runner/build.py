@@ -110,6 +110,9 @@ def build_prior(recipe: Recipe, device: torch.device) -> nn.Module:
         attach_lora(prior, recipe)
     else:
         prior.requires_grad_(True)
+    from runner.performance import apply_performance
+
+    apply_performance(prior, recipe.performance, device)  # after LoRA / int8, before DDP / FSDP wrapping
     return prior
 
 

@@ -39,7 +39,7 @@ def cache_text(recipe: Recipe, captions: list[str], device: torch.device, progre
     text = build_text_encoder(recipe, device)
     cache = TextCache(recipe.data.cache.text_embeddings_dir, text.identity)
     todo = [c for c in captions if not cache.contains(c)]
-    batch = recipe.data.cache.encoder_batch_size
+    batch = recipe.data.cache.text_batch_size
 
     def encode(chunk: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         cond = text.encode(chunk)  # the same pair training stores (runner.train._text_pair)

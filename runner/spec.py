@@ -168,6 +168,7 @@ class CacheSpec:
     latents: bool
     latents_dir: str
     encoder_batch_size: int
+    text_batch_size: int
 
 
 @dataclass(frozen=True)

@@ -247,7 +247,7 @@ def _train(loaded: LoadedRecipe, dist: Dist) -> dict:
                 continue  # every image of this batch failed to decode (listed in batch["skipped"])
             latents = _latents(batch, effnet, latent_cache, recipe.data.cache.encoder_batch_size, device)
             cond = _conditioning(batch["captions"], text, text_cache, empty, training.caption_dropout,
-                                 recipe.data.cache.encoder_batch_size, device)
+                                 recipe.data.cache.text_batch_size, device)
             with dist.accumulating(model, sync=(micro + 1) % accum == 0):  # reduce grads on the last only
                 result = stage_c_loss(model, latents, cond, training, step=state.step,
                                       autocast_dtype=autocast_dtype, adaptive=adaptive)
