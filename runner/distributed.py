@@ -199,8 +199,18 @@ class Dist:
         }
         if self.spec.fsdp_cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
+        # Activation checkpointing must sit inside FSDP's unshard/reshard hooks: the model's own
+        # per-block torch.utils.checkpoint wraps the hooked call, so its recompute sees other saved
+        # tensors than the forward did. The composable checkpoint is FSDP2's supported pairing.
+        recompute = getattr(prior, "gradient_checkpointing", False)
+        if recompute:
+            from torch.distributed._composable import checkpoint as checkpoint_activations
+
+            prior.set_gradient_checkpointing(False)
         for level in (*prior.down_blocks, *prior.up_blocks):  # one all-gather unit per UNet block
             for block in level:
+                if recompute:
+                    checkpoint_activations(block)
                 fully_shard(block, reshard_after_forward=self.spec.fsdp_reshard_after_forward, **kwargs)
         fully_shard(prior, **kwargs)  # the rest: mappers, embedding, scalers, clf
         return prior

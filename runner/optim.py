@@ -31,6 +31,11 @@ def stochastic_round_to_bf16(x: torch.Tensor) -> torch.Tensor:
     return truncated.view(torch.float32).to(torch.bfloat16)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: writes land in the DTensor), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class AdamWBF16(torch.optim.Optimizer):
     """AdamW whose moments live in the parameter's dtype (bf16 for bf16 weights), math in fp32.
 
@@ -73,18 +78,19 @@ class AdamWBF16(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 t = state["step"]
+                # Elementwise, so FSDP2's sharded parameters (DTensors) update shard by shard.
+                param, m1, m2 = _local(p), _local(state["exp_avg"]), _local(state["exp_avg_sq"])
                 # Same operation order as torch.optim.AdamW (single-tensor path), in fp32.
-                grad = p.grad.to(torch.float32)
-                weight = p.to(torch.float32).mul_(1.0 - lr * wd)
-                exp_avg = state["exp_avg"].to(torch.float32).lerp_(grad, 1.0 - beta1)
-                exp_avg_sq = state["exp_avg_sq"].to(torch.float32).mul_(beta2).addcmul_(grad, grad,
-                                                                                      value=1.0 - beta2)
+                grad = _local(p.grad).to(torch.float32)
+                weight = param.to(torch.float32).mul_(1.0 - lr * wd)
+                exp_avg = m1.to(torch.float32).lerp_(grad, 1.0 - beta1)
+                exp_avg_sq = m2.to(torch.float32).mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
                 step_size = lr / (1.0 - beta1 ** t)
                 denom = (exp_avg_sq.sqrt() / math.sqrt(1.0 - beta2 ** t)).add_(eps)
                 weight.addcdiv_(exp_avg, denom, value=-step_size)
-                self._write(state["exp_avg"], exp_avg, sr)
-                self._write(state["exp_avg_sq"], exp_avg_sq, sr)
-                self._write(p, weight, sr)
+                self._write(m1, exp_avg, sr)
+                self._write(m2, exp_avg_sq, sr)
+                self._write(param, weight, sr)
         return loss
 
 
