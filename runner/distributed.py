@@ -7,7 +7,8 @@ are no-ops, so train.py has one code path and a single process behaves exactly a
 Choices written down here because they shape the checkpoints:
 - LoRA (and full fine-tuning with strategy ddp) uses DistributedDataParallel. Only parameters with
   requires_grad get gradient hooks, so LoRA reduces adapter gradients only. Buffers are synced once
-  at init, not before every forward (`forward_sync_buffers=False`): they are frozen constants.
+  at init, not before every forward (`broadcast_buffers=False`, a keyword every torch >= 2.11 has):
+  they are frozen constants.
 - Full fine-tuning with strategy fsdp uses FSDP2 (`fully_shard` on every UNet block, then the root).
   Checkpoints stay one folder in the single-process format: rank 0 gathers the full trainable weights
   and the full optimizer state (`full_state_dict=True, cpu_offload=True`, keyed by parameter name).
@@ -180,7 +181,7 @@ class Dist:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(prior, device_ids=ids, forward_sync_buffers=False,
+        return DistributedDataParallel(prior, device_ids=ids, broadcast_buffers=False,
                                        find_unused_parameters=self.spec.find_unused_parameters,
                                        bucket_cap_mb=self.spec.bucket_cap_mb)
 
