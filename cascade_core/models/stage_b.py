@@ -28,19 +28,15 @@ from cascade_core.models.blocks import (
     apply_block,
     r_embedding,
 )
+from cascade_core.models.unet_config import UNetConfig
 
 __all__ = ["StageBConfig", "StageB", "STAGE_B_PRESETS", "stage_b_config_from_shapes"]
 
-_BLOCK_TYPES = frozenset("CTAF")
 DEFAULT_PIXELS_SIZE = 8  # official default `pixels`: zeros [B, 3, 8, 8]
 
 
-def _tuple2(value: Any) -> tuple:
-    return tuple(tuple(v) for v in value)
-
-
 @dataclass(frozen=True)
-class StageBConfig:
+class StageBConfig(UNetConfig):
     """Constructor arguments of the official StageB (defaults = the large "3B" decoder, 1.56B params)."""
 
     c_in: int = 4
@@ -63,30 +59,8 @@ class StageBConfig:
     t_conds: tuple[str, ...] = ("sca",)
 
     def __post_init__(self) -> None:
-        for name in ("c_hidden", "nhead", "level_config", "dropout", "t_conds"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        object.__setattr__(self, "blocks", _tuple2(self.blocks))
-        object.__setattr__(self, "block_repeat", _tuple2(self.block_repeat))
-        n = len(self.c_hidden)
-        problems = []
-        for name in ("nhead", "level_config", "dropout"):
-            if len(getattr(self, name)) != n:
-                problems.append(f"{name} has {len(getattr(self, name))} entries, c_hidden has {n}")
-        for name in ("blocks", "block_repeat"):
-            value = getattr(self, name)
-            if len(value) != 2 or any(len(v) != n for v in value):
-                problems.append(f"{name} must be [down, up] with {n} entries each, got {value}")
-        if any(r < 1 for v in self.block_repeat for r in v):
-            problems.append(f"block_repeat entries must be >= 1, got {self.block_repeat}")
-        for i, letters in enumerate(self.level_config):
-            if not letters or set(letters) - _BLOCK_TYPES:
-                problems.append(f"level_config[{i}]={letters!r} may only use the letters C, T, A, F")
-            elif "A" in letters and (self.nhead[i] <= 0 or self.c_hidden[i] % self.nhead[i]):
-                problems.append(
-                    f"level {i}: c_hidden {self.c_hidden[i]} is not a multiple of nhead {self.nhead[i]}"
-                )
-        if problems:
-            raise ValueError("invalid StageBConfig: " + "; ".join(problems))
+        self._normalise(("c_hidden", "nhead", "level_config", "dropout", "t_conds"))
+        self._raise_if(self._level_problems())
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> StageBConfig:
@@ -94,26 +68,6 @@ class StageBConfig:
         if name not in STAGE_B_PRESETS:
             raise ValueError(f"unknown Stage B preset {name!r}; choose one of {sorted(STAGE_B_PRESETS)}")
         return dataclasses.replace(STAGE_B_PRESETS[name], **overrides)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> StageBConfig:
-        """From official constructor kwargs (extra keys are rejected with their names)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown StageBConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Official constructor kwargs as JSON-friendly lists."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("blocks", "block_repeat"):
-                out[f.name] = [list(v) for v in value]
-            else:
-                out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
 
 
 STAGE_B_PRESETS: dict[str, StageBConfig] = {

@@ -27,18 +27,14 @@ from cascade_core.models.blocks import (
     apply_block,
     r_embedding,
 )
+from cascade_core.models.unet_config import UNetConfig
 
 __all__ = ["StageCConfig", "StageC", "STAGE_C_PRESETS", "stage_c_config_from_shapes"]
 
-_BLOCK_TYPES = frozenset("CTAF")
-
-
-def _tuple2(value: Any) -> tuple:
-    return tuple(tuple(v) for v in value)
 
 
 @dataclass(frozen=True)
-class StageCConfig:
+class StageCConfig(UNetConfig):
     """Constructor arguments of the official StageC (defaults = the 3.6B model)."""
 
     c_in: int = 16
@@ -63,33 +59,12 @@ class StageCConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        # Normalise lists (from YAML/JSON) to tuples so configs compare and hash.
-        for name in ("c_hidden", "nhead", "level_config", "dropout", "t_conds", "switch_level"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        object.__setattr__(self, "blocks", _tuple2(self.blocks))
-        object.__setattr__(self, "block_repeat", _tuple2(self.block_repeat))
-        n = len(self.c_hidden)
-        problems = []
-        for name in ("nhead", "level_config", "dropout"):
-            if len(getattr(self, name)) != n:
-                problems.append(f"{name} has {len(getattr(self, name))} entries, c_hidden has {n}")
-        for name in ("blocks", "block_repeat"):
-            value = getattr(self, name)
-            if len(value) != 2 or any(len(v) != n for v in value):
-                problems.append(f"{name} must be [down, up] with {n} entries each, got {value}")
-        if len(self.switch_level) != n - 1:
-            problems.append(
-                f"switch_level needs {n - 1} entries (one per level change), got {len(self.switch_level)}"
-            )
-        for i, letters in enumerate(self.level_config[: min(n, len(self.nhead))]):
-            if not letters or set(letters) - _BLOCK_TYPES:
-                problems.append(f"level_config[{i}]={letters!r} may only use the letters C, T, A, F")
-            if "A" in letters and (self.nhead[i] <= 0 or self.c_hidden[i] % self.nhead[i]):
-                problems.append(
-                    f"level {i}: c_hidden {self.c_hidden[i]} is not a multiple of nhead {self.nhead[i]}"
-                )
-        if problems:
-            raise ValueError("invalid StageCConfig: " + "; ".join(problems))
+        self._normalise(("c_hidden", "nhead", "level_config", "dropout", "t_conds", "switch_level"))
+        problems = self._level_problems()
+        if len(self.switch_level) != len(self.c_hidden) - 1:
+            problems.append(f"switch_level needs {len(self.c_hidden) - 1} entries (one per level change), "
+                            f"got {len(self.switch_level)}")
+        self._raise_if(problems)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> StageCConfig:
@@ -97,29 +72,6 @@ class StageCConfig:
         if name not in STAGE_C_PRESETS:
             raise ValueError(f"unknown Stage C preset {name!r}; choose one of {sorted(STAGE_C_PRESETS)}")
         return dataclasses.replace(STAGE_C_PRESETS[name], **overrides)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> StageCConfig:
-        """From official constructor kwargs (extra keys are rejected with their names)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown StageCConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Official constructor kwargs as JSON-friendly lists (without the checkpointing switch)."""
-        out = {}
-        for f in dataclasses.fields(self):
-            if f.name == "gradient_checkpointing":
-                continue
-            value = getattr(self, f.name)
-            out[f.name] = (
-                [list(v) for v in value]
-                if f.name in ("blocks", "block_repeat")
-                else (list(value) if isinstance(value, tuple) else value)
-            )
-        return out
 
 
 STAGE_C_PRESETS: dict[str, StageCConfig] = {
