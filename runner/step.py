@@ -56,7 +56,6 @@ def stage_c_loss(
     step: int,
     autocast_dtype: torch.dtype | None,
     adaptive: AdaptiveLossWeight | None,
-    rollout_generator: torch.Generator | None = None,
 ) -> LossResult:
     """latents [B,16,h,w] fp32, cond on the same device -> the loss of one micro-batch."""
     device = latents.device
@@ -79,7 +78,7 @@ def stage_c_loss(
                                 ramp_steps=ss.ramp_steps, start_step=ss.start_step)
         rolled = rollout(predict, latents, eps, t, cond_kwargs, p=p, max_offset=ss.max_offset,
                          strategy=ss.offset_strategy, step_dt=ss.offset_step, sampler=ss.sampler,
-                         shift=TRAIN_SHIFT, generator=rollout_generator)
+                         shift=TRAIN_SHIFT)  # global RNG: saved in checkpoints, so resume is exact
         x_t, extra = rolled.x_t, rolled.sample_forwards
     else:
         x_t = diffuse(latents, eps, logsnr)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,7 +54,6 @@ class TrainState:
     samples: int = 0
     skipped_nonfinite: int = 0
     nonfinite_in_a_row: int = 0
-    losses: list[float] = field(default_factory=list)
 
 
 class NonFiniteLossError(UserError):
