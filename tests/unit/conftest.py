@@ -31,3 +31,23 @@ def tiny_checkpoints(tmp_path_factory, tiny_checkpoints_tool) -> Path:
     See tools/make_tiny_checkpoints.py for the layout and dimensions. Treat it as read-only.
     """
     return tiny_checkpoints_tool.make_tiny_checkpoints(tmp_path_factory.mktemp("tiny_checkpoints"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_cascade_models(tiny_checkpoints):
+    """Every model of the tiny checkpoint folder, loaded once (CPU, fp32, eval): treat as read-only."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    from cascade_core.decoder_io import load_previewer, load_stage_a, load_stage_b
+    from cascade_core.pipeline import CascadeModels
+    from cascade_core.stage_c_io import load_stage_c
+
+    root = tiny_checkpoints
+    return CascadeModels(
+        stage_c=load_stage_c(root / "stage_c.safetensors"),
+        text_model=CLIPTextModelWithProjection.from_pretrained(root / "text_encoder").eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
+        previewer=load_previewer(root / "previewer.safetensors"),
+        stage_b=load_stage_b(root / "stage_b.safetensors"),
+        stage_a=load_stage_a(root / "stage_a.safetensors"),
+    )

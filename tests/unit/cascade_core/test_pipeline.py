@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from cascade_core.decoder_io import load_previewer, load_stage_a, load_stage_b
 from cascade_core.models.text import encode_text
 from cascade_core.pipeline import (
     DECODER_DEFAULTS,
@@ -17,7 +15,6 @@ from cascade_core.pipeline import (
     expand_prompts,
     generate,
 )
-from cascade_core.stage_c_io import load_stage_c
 
 FAST_PRIOR = SamplerSettings(steps=3, guidance=4.0, shift=2.0)
 FAST_DECODER = SamplerSettings(steps=2, guidance=1.1, shift=1.0)
@@ -38,16 +35,8 @@ class Spy(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def models(tiny_checkpoints) -> CascadeModels:
-    root = tiny_checkpoints
-    return CascadeModels(
-        stage_c=load_stage_c(root / "stage_c.safetensors"),
-        text_model=CLIPTextModelWithProjection.from_pretrained(root / "text_encoder").eval(),
-        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
-        previewer=load_previewer(root / "previewer.safetensors"),
-        stage_b=load_stage_b(root / "stage_b.safetensors"),
-        stage_a=load_stage_a(root / "stage_a.safetensors"),
-    )
+def models(tiny_cascade_models) -> CascadeModels:
+    return tiny_cascade_models
 
 
 def gens(*seeds: int) -> list[torch.Generator]:

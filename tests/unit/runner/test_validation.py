@@ -7,27 +7,16 @@ import json
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from cascade_core.decoder_io import load_previewer, load_stage_a, load_stage_b
 from cascade_core.pipeline import CascadeModels, SamplerSettings
-from cascade_core.stage_c_io import load_stage_c
 from runner.validation import ValidationJob, make_grid, run_validation, to_pil, validation_dir
 
 FAST = {"prior": SamplerSettings(2, 4.0, 2.0), "decoder": SamplerSettings(2, 1.1, 1.0)}
 
 
 @pytest.fixture(scope="module")
-def models(tiny_checkpoints) -> CascadeModels:
-    root = tiny_checkpoints
-    return CascadeModels(
-        stage_c=load_stage_c(root / "stage_c.safetensors"),
-        text_model=CLIPTextModelWithProjection.from_pretrained(root / "text_encoder").eval(),
-        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
-        previewer=load_previewer(root / "previewer.safetensors"),
-        stage_b=load_stage_b(root / "stage_b.safetensors"),
-        stage_a=load_stage_a(root / "stage_a.safetensors"),
-    )
+def models(tiny_cascade_models) -> CascadeModels:
+    return tiny_cascade_models
 
 
 def test_validation_dir():
