@@ -98,10 +98,8 @@ def build_prior(recipe: Recipe, device: torch.device) -> nn.Module:
     if quantized:
         from cascade_core.quant.int8 import quantize_model_
 
-        backend = training.precision.base_weights
-        if backend != "int8":
-            prior = prior.to(device)
-        quantize_model_(prior, backend)
+        # layer by layer: at most one full-precision layer is on the GPU at any time
+        quantize_model_(prior, training.precision.base_weights, device=device)
         prior = prior.to(device)
     if training.gradient_checkpointing:
         prior.set_gradient_checkpointing(True)

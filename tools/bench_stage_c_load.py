@@ -1,12 +1,16 @@
 """Real-size Stage C from a synthesized checkpoint file: load time, peak host / GPU memory, one bf16 step.
 
     python tools/bench_stage_c_load.py --cases stage-c-lite:original stage-c-lite:diffusers stage-c:original
+    python tools/bench_stage_c_load.py --cases stage-c:original:int8-torchao stage-c:original:int8-bnb
 
 Random bf16 weights are built on the GPU, written with `save_stage_c` in the given key layout (a
 Stability single file or a diffusers folder), then loaded with `load_stage_c(..., device="cuda",
 dtype=bfloat16)` while a thread samples the process RSS; then forward + backward of a batch of 4
 24x24 latents with gradient checkpointing (the GPU test's step) is timed. The file was just
 written, so the load reads it from the page cache: this measures the loader, not the disk.
+A third field `int8` | `int8-torchao` | `int8-bnb` loads the way `runner` builds an int8 base: bf16 on
+the host, then `quantize_model_(..., device="cuda")` layer by layer and the rest moved after it; the
+GPU peak then shows that no full-precision copy of the model ever reached the GPU.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cascade_core.models.stage_c import StageC, StageCConfig  # noqa: E402
+from cascade_core.quant.int8 import quantize_model_  # noqa: E402
 from cascade_core.stage_c_io import load_stage_c, save_stage_c  # noqa: E402
 
 GIB = 2**30
@@ -65,7 +70,7 @@ def step_seconds(model: StageC, device: torch.device, batch: int = 4) -> float:
     return min(times[1:])
 
 
-def run(flavour: str, layout: str, work: Path, device: torch.device) -> dict:
+def run(flavour: str, layout: str, work: Path, device: torch.device, base: str | None = None) -> dict:
     model = StageC(StageCConfig.preset(flavour), device="meta", dtype=torch.bfloat16)
     model.to_empty(device=device)
     with torch.no_grad():
@@ -82,7 +87,12 @@ def run(flavour: str, layout: str, work: Path, device: torch.device) -> dict:
     rss_before = rss_bytes()
     sampler.start()
     start = time.perf_counter()
-    model = load_stage_c(target, device=device, dtype=torch.bfloat16)
+    if base is None:
+        model = load_stage_c(target, device=device, dtype=torch.bfloat16)
+    else:  # runner/build.py's int8 path
+        model = load_stage_c(target, device="cpu", dtype=torch.bfloat16)
+        quantize_model_(model, base, device=device)
+        model = model.to(device)
     torch.cuda.synchronize()
     load_s = time.perf_counter() - start
     sampler.stop.set()
@@ -91,7 +101,7 @@ def run(flavour: str, layout: str, work: Path, device: torch.device) -> dict:
     model.train().set_gradient_checkpointing(True)
     step = step_seconds(model, device)
     result = {
-        "case": f"{flavour}:{layout}",
+        "case": f"{flavour}:{layout}" + (f":{base}" if base else ""),
         "file_gib": round(weights.stat().st_size / GIB, 2),
         "write_s": round(write_s, 1),
         "load_s": round(load_s, 2),
@@ -117,8 +127,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for case in args.cases:
-            flavour, layout = case.split(":")
-            results.append(run(flavour, layout, Path(tmp), device))
+            flavour, layout, *base = case.split(":")
+            results.append(run(flavour, layout, Path(tmp), device, base[0] if base else None))
             print(json.dumps(results[-1]), flush=True)
             Path(args.out).write_text(json.dumps(results, indent=1))
     return results

@@ -20,6 +20,10 @@ Loading without a full-precision copy on the GPU: build the model on `meta`, cal
 `assign_int8_weights_(model, state, device)` for a whole lazy state dict); it quantizes one tensor
 where it lies (CPU) and moves only int8 values and scales to `device`. Load the other keys as usual.
 
+A model already loaded on the host: `quantize_model_(model, backend, device="cuda")` moves and
+quantizes one layer at a time, so at most one full-precision layer is ever on the GPU (the rest of the
+model follows with `model.to(device)`).
+
 Backends `int8-torchao` and `int8-bnb` quantize the nn.Linear layers with those libraries (CUDA
 only, imported lazily); the fused in-projection always uses the pure-PyTorch path. bitsandbytes
 computes in float16 internally (Stage C is known to overflow in fp16): prefer `int8` or `int8-torchao`.
@@ -135,9 +139,10 @@ class Int8Linear(nn.Module):
         module = cls(
             linear.in_features, linear.out_features, linear.bias is not None, device="meta", dtype=w.dtype
         )
-        module.set_weight_(w, device=device or w.device)
+        device = w.device if w.device.type == "meta" or device is None else device
+        module.set_weight_(w, device=device)
         if linear.bias is not None:
-            module.bias = nn.Parameter(linear.bias.detach().to(device or w.device), requires_grad=False)
+            module.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
         return module
 
     def set_weight_(self, weight: Tensor, device: torch.device | str | None = None) -> None:
@@ -183,16 +188,17 @@ class Int8InProjMixin:
 _INT8_ATTENTION: dict[type, type] = {}
 
 
-def _quantize_in_proj_(module: nn.Module) -> None:
+def _quantize_in_proj_(module: nn.Module, device: torch.device | None = None) -> None:
     base = type(module)
     if base not in _INT8_ATTENTION:
         _INT8_ATTENTION[base] = type(f"Int8{base.__name__}", (Int8InProjMixin, base), {})
-    q, scale = quantize_weight(module.in_proj_weight)
+    q, scale = quantize_weight(module.in_proj_weight)  # where the weight lies, then only int8 moves
+    device = device if device is not None and q.device.type != "meta" else q.device
     module.__class__ = _INT8_ATTENTION[base]
-    module.in_proj_weight = nn.Parameter(q, requires_grad=False)
-    module.in_proj_weight_scale = nn.Parameter(scale, requires_grad=False)
+    module.in_proj_weight = nn.Parameter(q.to(device), requires_grad=False)
+    module.in_proj_weight_scale = nn.Parameter(scale.to(device), requires_grad=False)
     if module.in_proj_bias is not None:
-        module.in_proj_bias.requires_grad_(False)
+        module.in_proj_bias = nn.Parameter(module.in_proj_bias.detach().to(device), requires_grad=False)
 
 
 def _skipped(name: str, skip: Sequence[str]) -> bool:
@@ -228,13 +234,18 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _check_cuda(model: nn.Module, backend: str) -> None:
+def _check_cuda(backend: str, device: torch.device | None, linears: list[tuple[str, nn.Linear]]) -> None:
     if not torch.cuda.is_available():
         raise RuntimeError(f"int8 backend {backend!r} needs a CUDA GPU; on this machine use backend 'int8'")
-    devices = {p.device.type for p in model.parameters()}
-    if devices != {"cuda"}:
+    if device is not None:
+        if device.type != "cuda":
+            raise RuntimeError(f"int8 backend {backend!r} quantizes on a CUDA device, not {device}")
+        return
+    devices = {linear.weight.device.type for _, linear in linears}
+    if devices - {"cuda"}:
         raise RuntimeError(
-            f"int8 backend {backend!r} needs the model on the GPU first (found {sorted(devices)})"
+            f"int8 backend {backend!r} needs the model on the GPU first (found {sorted(devices)}), "
+            "or pass device='cuda' to move and quantize it layer by layer"
         )
 
 
@@ -248,12 +259,16 @@ def _import(backend: str, module: str):
         ) from err
 
 
-def _torchao_(model: nn.Module, names: set[str]) -> None:
+def _torchao_(model: nn.Module, linears: list[tuple[str, nn.Linear]], device: torch.device | None) -> None:
+    """One layer at a time: move it to `device` (when given), quantize it there, put it back."""
     quant = _import("int8-torchao", "torchao.quantization")
     config = (
         quant.Int8WeightOnlyConfig() if hasattr(quant, "Int8WeightOnlyConfig") else quant.int8_weight_only()
     )
-    quant.quantize_(model, config, filter_fn=lambda m, fqn: fqn in names)
+    for name, linear in linears:
+        holder = nn.Sequential(linear.to(device) if device is not None else linear)
+        quant.quantize_(holder, config)  # replaces holder[0]'s weight with torchao's int8 tensor
+        _set_submodule(model, name, holder[0])
 
 
 def _bnb_class(bnb) -> type:
@@ -266,11 +281,11 @@ def _bnb_class(bnb) -> type:
     return type("Bnb8bitLinear", (base,), {"forward": forward})
 
 
-def _bnb_(model: nn.Module, linears: list[tuple[str, nn.Linear]]) -> None:
+def _bnb_(model: nn.Module, linears: list[tuple[str, nn.Linear]], target: torch.device | None) -> None:
     bnb = _import("int8-bnb", "bitsandbytes")
     cls = _bnb_class(bnb)
     for name, linear in linears:
-        device = linear.weight.device
+        device = target if target is not None else linear.weight.device
         new = cls(
             linear.in_features,
             linear.out_features,
@@ -287,28 +302,37 @@ def _bnb_(model: nn.Module, linears: list[tuple[str, nn.Linear]]) -> None:
         _set_submodule(model, name, new.to(device))  # bnb quantizes when the weight moves to the GPU
 
 
-def quantize_model_(model: nn.Module, backend: str = "int8", skip: Sequence[str] = ()) -> list[str]:
+def quantize_model_(
+    model: nn.Module,
+    backend: str = "int8",
+    skip: Sequence[str] = (),
+    device: torch.device | str | None = None,
+) -> list[str]:
     """Quantize every nn.Linear and fused attention in-projection of `model` in place; returns their keys.
 
     `skip` holds module-name globs (fnmatch, `*` crosses dots) kept in full precision, e.g.
     `["clf.*", "*.mapper*"]` (a fused in-projection is named `<attention path>.in_proj`). Works on
     the meta device (backend 'int8'), so a model can be quantized before its weights are loaded.
+    `device`: where the quantized layers go (default: where each lies). Layers are quantized one at a
+    time, so a host model never has more than one full-precision layer on `device`; the modules that
+    stay in full precision are left where they are (follow with `model.to(device)`).
     """
     if backend not in INT8_BACKENDS:
         raise ValueError(f"unknown int8 backend {backend!r}; use one of {INT8_BACKENDS}")
+    target = torch.device(device) if device is not None else None
     linears = _linears(model, skip)
     attention = _fused_attention(model, skip)
     if backend == "int8":
         for name, linear in linears:
-            _set_submodule(model, name, Int8Linear.from_linear(linear))
+            _set_submodule(model, name, Int8Linear.from_linear(linear, device=target))
     else:
-        _check_cuda(model, backend)
+        _check_cuda(backend, target, linears)
         if backend == "int8-torchao":
-            _torchao_(model, {n for n, _ in linears})
+            _torchao_(model, linears, target)
         else:
-            _bnb_(model, linears)
+            _bnb_(model, linears, target)
     for _, module in attention:
-        _quantize_in_proj_(module)
+        _quantize_in_proj_(module, target)
     return [f"{n}.weight" for n, _ in linears] + [
         f"{n}.in_proj_weight" if n else "in_proj_weight" for n, _ in attention
     ]
