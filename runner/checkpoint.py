@@ -13,6 +13,18 @@ A checkpoint is written into a hidden temp folder, every file and the folder fsy
 place; `checkpoints/latest` (the folder name) is replaced atomically after that. A crash at any point
 leaves the previous checkpoint as the latest and no partial folder under a `step_*` name.
 All .pt files load with `weights_only=True`, so a checkpoint cannot run code when loaded.
+
+Sharded checkpoints (full fine-tuning with distributed.strategy fsdp; runner/checkpoint_shards.py) hold
+no trainable.safetensors, optimizer.pt or ema.safetensors (EMA is refused with FSDP). Instead:
+  sharded/                one torch.distributed.checkpoint (DCP) folder: `.metadata` plus one
+                          `__<rank>_0.distcp` per rank with that rank's shards of {"model": trainable
+                          weights, "optim": optimizer state}, keyed by parameter name (DCP keys
+                          `model.<name>`, `optim.state.<name>.<state>`)
+  meta.json               format 2 and "sharded": {"strategy": "fsdp", "world_size": N, "files": [...]}
+Every rank writes its own shard file into the same temp folder `.tmp-step_NNNNNN` (no pid: all ranks
+must agree on it); rank 0 writes the small files and publishes exactly as above, after every rank's
+shard is on disk. Format 1 (unsharded) is read exactly as before; a cascade-runner that predates sharding
+refuses format 2 with its "checkpoint format" message instead of failing on a missing file.
 """
 from __future__ import annotations
 
@@ -36,7 +48,9 @@ from runner.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # one folder of whole tensors (single process, DDP)
+SHARDED_FORMAT_VERSION = 2  # the same plus sharded/ instead of trainable/optimizer files (FSDP2)
+SHARDED = "sharded"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
@@ -59,6 +73,7 @@ class Checkpoint:
     rng_states: list[dict[str, Any]]
     recipe_text: str
     versions: dict[str, str]
+    sharded: dict[str, Any] | None = None  # meta.json's "sharded" (strategy, world_size); weights in sharded/
 
 
 # ---- RNG ----
@@ -165,6 +180,20 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _check_keep_last(keep_last: int | None) -> None:
+    if keep_last is not None and keep_last < 1:
+        raise UserError(f"checkpoints.keep_last must be >= 1 (got {keep_last})")
+
+
+def _checkpoints_root(output_dir: str | Path) -> Path:
+    """`OUTPUT/checkpoints`, created, with temp folders of saves killed midway removed."""
+    root = Path(output_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f"{_TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return root
+
+
 def save_checkpoint(output_dir: str | Path, step: int, *, trainable: dict[str, torch.Tensor],
                     optimizer_state: dict[str, Any], scheduler_state: dict[str, Any],
                     data_cursor: dict[str, Any], recipe_text: str, ema_state: dict[str, Any] | None = None,
@@ -176,41 +205,88 @@ def save_checkpoint(output_dir: str | Path, step: int, *, trainable: dict[str, t
     `capture_rng_state()` per rank (default: this process only). `keep_last` keeps the newest N by
     step and never deletes the folder just written. Returns that folder.
     """
-    if keep_last is not None and keep_last < 1:
-        raise UserError(f"checkpoints.keep_last must be >= 1 (got {keep_last})")
-    try:
-        cursor_text = json.dumps(data_cursor, indent=2, sort_keys=True) + "\n"
-    except TypeError as exc:
-        raise TypeError(f"the data cursor must be JSON-serialisable: {exc}") from exc
-    root = Path(output_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f"{_TMP_PREFIX}*"):  # left by a process killed mid-save
-        shutil.rmtree(stale, ignore_errors=True)
+    _check_keep_last(keep_last)
+    cursor_text = _cursor_text(data_cursor)
+    root = _checkpoints_root(output_dir)
     final = checkpoint_dir(output_dir, step)
     tmp = root / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
     tmp.mkdir()
+    ema_meta = None
     try:
         _write_safetensors(tmp / "trainable.safetensors", trainable, step)
-        ema_meta = None
         if ema_state is not None:
             _write_safetensors(tmp / "ema.safetensors", ema_state["shadow"], step)
             ema_meta = {k: v for k, v in ema_state.items() if k != "shadow"}
         _write_torch(tmp / "optimizer.pt", optimizer_state)
-        _write_torch(tmp / "training_state.pt", {
-            "step": step, "scheduler": scheduler_state, "ema": ema_meta, "loss_weight": loss_weight_state,
-            "rng": rng_states if rng_states is not None else [capture_rng_state()],
-        })
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _finish(tmp, final, step, {"format": FORMAT_VERSION}, keep_last, state={
+        "step": step, "scheduler": scheduler_state, "ema": ema_meta, "loss_weight": loss_weight_state,
+        "rng": rng_states if rng_states is not None else [capture_rng_state()],
+    }, cursor_text=cursor_text, recipe_text=recipe_text)
+
+
+def sharded_temp_dir(output_dir: str | Path, step: int) -> Path:
+    """The temp folder every rank of a sharded save writes into: a fixed name, so all ranks agree on it."""
+    return Path(output_dir) / CHECKPOINTS / f"{_TMP_PREFIX}{checkpoint_dir(output_dir, step).name}"
+
+
+def start_sharded_save(output_dir: str | Path, step: int, keep_last: int | None) -> Path:
+    """Rank 0, before any rank writes: clear stale temp folders and create the shared temp folder."""
+    _check_keep_last(keep_last)
+    _checkpoints_root(output_dir)
+    tmp = sharded_temp_dir(output_dir, step)
+    tmp.mkdir()
+    return tmp
+
+
+def finish_sharded_save(output_dir: str | Path, step: int, *, world_size: int,
+                        scheduler_state: dict[str, Any], data_cursor: dict[str, Any], recipe_text: str,
+                        loss_weight_state: dict[str, Any] | None, keep_last: int | None,
+                        rng_states: list[dict[str, Any]]) -> Path:
+    """Rank 0, after every rank wrote its shards into `sharded_temp_dir/sharded/`: write the small files
+    and meta.json, then publish as `save_checkpoint` does. Returns the checkpoint folder."""
+    tmp = sharded_temp_dir(output_dir, step)
+    try:
+        shard_files = sorted(p.name for p in (tmp / SHARDED).iterdir())
+        _fsync_path(tmp / SHARDED)  # the file names; DCP fsynced each file's contents (sync_files)
+        cursor_text = _cursor_text(data_cursor)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    meta = {"format": SHARDED_FORMAT_VERSION,
+            SHARDED: {"strategy": "fsdp", "world_size": world_size, "files": shard_files}}
+    return _finish(tmp, checkpoint_dir(output_dir, step), step, meta, keep_last, state={
+        "step": step, "scheduler": scheduler_state, "ema": None, "loss_weight": loss_weight_state,
+        "rng": rng_states,
+    }, cursor_text=cursor_text, recipe_text=recipe_text)
+
+
+def _cursor_text(data_cursor: dict[str, Any]) -> str:
+    try:
+        return json.dumps(data_cursor, indent=2, sort_keys=True) + "\n"
+    except TypeError as exc:
+        raise TypeError(f"the data cursor must be JSON-serialisable: {exc}") from exc
+
+
+def _finish(tmp: Path, final: Path, step: int, meta: dict[str, Any], keep_last: int | None, *,
+            state: dict[str, Any], cursor_text: str, recipe_text: str) -> Path:
+    """Write the small files and meta.json (last) into `tmp`, rename it to `final`, move `latest`, prune."""
+    try:
+        _write_torch(tmp / "training_state.pt", state)
         _write_text(tmp / "data_cursor.json", cursor_text)
         _write_text(tmp / "recipe.yaml", recipe_text)
         _write_json(tmp / "versions.json", package_versions())
         files = sorted(p.name for p in tmp.iterdir())
-        _write_json(tmp / "meta.json", {"format": FORMAT_VERSION, "step": step, "files": files,
+        _write_json(tmp / "meta.json", {**meta, "step": step, "files": files,
                                         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         _fsync_path(tmp)
         _move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    root = final.parent
     _replace_text_atomically(root / LATEST, final.name + "\n")
     if keep_last is not None:
         older = [path for _, path in _step_dirs(root) if path != final]
@@ -264,23 +340,41 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     raise UserError(f"checkpoints.resume: {resume!r} is not a checkpoint folder (no meta.json); {hint}")
 
 
-def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu", restore_rng: bool = True,
-                    rank: int = 0) -> Checkpoint:
-    """Read a checkpoint folder; with `restore_rng`, also put this rank's RNG states back.
-
-    Load the optimizer/scheduler/EMA states from the result into freshly built objects; restore RNG
-    only after everything random (model init, LoRA init) has been built. Weights and optimizer state
-    land on `map_location`; the loss-weight state stays on the CPU (its owner copies it in).
-    """
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """meta.json of a complete checkpoint folder, checked for a format this version reads."""
     folder = Path(path)
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         raise UserError(f"{folder} is not a complete checkpoint (no meta.json); resume from another "
                         f"one under {folder.parent}, or `latest`")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT_VERSION:
+    if meta.get("format") not in (FORMAT_VERSION, SHARDED_FORMAT_VERSION):
         raise UserError(f"{folder} has checkpoint format {meta.get('format')!r}; this cascade-runner reads "
-                        f"format {FORMAT_VERSION}: resume with the version that wrote it")
+                        f"formats {FORMAT_VERSION} and {SHARDED_FORMAT_VERSION}: resume with the version "
+                        "that wrote it")
+    sharded = meta.get(SHARDED)
+    if sharded is not None:
+        missing = [name for name in sharded["files"] if not (folder / SHARDED / name).is_file()]
+        if missing:
+            raise UserError(f"{folder} is incomplete: {SHARDED}/ lacks {', '.join(missing[:4])} (of "
+                            f"{len(sharded['files'])} files written by {sharded['world_size']} ranks); copy "
+                            "the whole checkpoint folder, or resume from another one")
+    return meta
+
+
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu", restore_rng: bool = True,
+                    rank: int = 0) -> Checkpoint:
+    """Read a checkpoint folder; with `restore_rng`, also put this rank's RNG states back.
+
+    Load the optimizer/scheduler/EMA states from the result into freshly built objects; restore RNG
+    only after everything random (model init, LoRA init) has been built. Weights and optimizer state
+    land on `map_location`; the loss-weight state stays on the CPU (its owner copies it in). A sharded
+    checkpoint comes back with empty `trainable` and `optimizer` and its `sharded` info: each rank then
+    reads its own shards (runner/checkpoint_shards.py).
+    """
+    folder = Path(path)
+    meta = read_meta(folder)
+    sharded = meta.get(SHARDED)
     device = str(map_location)
     # On the CPU whatever map_location says: RNG states must be CPU ByteTensors.
     state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
@@ -293,14 +387,16 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
             raise UserError(f"{folder} holds RNG states for {len(rng)} rank(s), not rank {rank}; resume "
                             "with the same number of processes")
         restore_rng_state(rng[rank])
+    trainable, optimizer = {}, {}
+    if sharded is None:
+        trainable = load_file(str(folder / "trainable.safetensors"), device=device)
+        optimizer = torch.load(folder / "optimizer.pt", map_location=map_location, weights_only=True)
     return Checkpoint(
-        path=folder, step=int(meta["step"]),
-        trainable=load_file(str(folder / "trainable.safetensors"), device=device),
-        optimizer=torch.load(folder / "optimizer.pt", map_location=map_location, weights_only=True),
+        path=folder, step=int(meta["step"]), trainable=trainable, optimizer=optimizer,
         scheduler=state["scheduler"], ema=ema, loss_weight=state["loss_weight"],
         data_cursor=json.loads((folder / "data_cursor.json").read_text(encoding="utf-8")),
         rng_states=rng, recipe_text=(folder / "recipe.yaml").read_text(encoding="utf-8"),
-        versions=json.loads((folder / "versions.json").read_text(encoding="utf-8")),
+        versions=json.loads((folder / "versions.json").read_text(encoding="utf-8")), sharded=sharded,
     )
 
 

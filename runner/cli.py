@@ -195,7 +195,8 @@ COMMANDS: dict[str, Command] = {
         _sample,
     ),
     "export": Command(
-        "convert a LoRA file between formats (native, ComfyUI, PEFT, official) or merge it into the base",
+        "convert a LoRA file between formats (native, ComfyUI, PEFT, official) or merge it into the base; "
+        "write a full fine-tune's checkpoint (FSDP-sharded too) as one file",
         _export_args,
         _export,
     ),

@@ -10,10 +10,12 @@ Choices written down here because they shape the checkpoints:
   at init, not before every forward (`broadcast_buffers=False`, a keyword every torch >= 2.11 has):
   they are frozen constants.
 - Full fine-tuning with strategy fsdp uses FSDP2 (`fully_shard` on every UNet block, then the root).
-  Checkpoints stay one folder in the single-process format: rank 0 gathers the full trainable weights
-  and the full optimizer state (`full_state_dict=True, cpu_offload=True`, keyed by parameter name).
-  This costs rank 0 host memory of about 3x the fp32 weights at save time (stage-c-lite ~12 GiB,
-  stage-c ~43 GiB) but keeps `runner export` and every tool working on FSDP checkpoints unchanged.
+  Its checkpoints are sharded (runner/checkpoint_shards.py): every rank writes its own shards of the
+  weights and the optimizer state with torch.distributed.checkpoint, so no rank ever holds the full
+  state (a gather would cost rank 0 ~3x the fp32 weights: ~43 GiB for stage-c). They resume only under
+  FSDP at the same world size; `runner export --checkpoint` assembles one file from them offline.
+  Unsharded FSDP checkpoints of earlier versions still resume (the full state is sharded on load).
+  Validation and the end-of-training export still gather an unsharded copy on rank 0 (`plain_prior`).
 - Each rank draws its own noise: rank 0 continues the single-process RNG stream, rank r > 0 is reseeded
   from (seed, r) after the model is built, and every rank's RNG state is saved. Resuming therefore needs
   the same world size; a different one is refused with a clear message.
@@ -244,23 +246,44 @@ class Dist:
                 grad.mul_(coef)
         return norm
 
-    # ---- state for checkpoints and exports (rank 0 gets the full tensors; others get {})
+    # ---- state for checkpoints and exports
     def trainable_state(self, prior: nn.Module) -> dict[str, torch.Tensor]:
-        names = [n for n, p in prior.named_parameters() if p.requires_grad]
-        if not self.fsdp:
-            return {n: prior.get_parameter(n).detach() for n in names}
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        """The trainable weights by name (not under FSDP: its checkpoints use `sharded_state`)."""
+        return {n: p.detach() for n, p in prior.named_parameters() if p.requires_grad}
 
-        full = get_model_state_dict(prior, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {n: full[n] for n in names} if self.is_main else {}
+    def sharded_state(self, prior: nn.Module,
+                      optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+        """FSDP: this rank's shards (DTensors, no copies) of the trainable weights and the optimizer
+        state, keyed by parameter name, for torch.distributed.checkpoint. Collective."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    def optimizer_state(self, prior: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        if not self.fsdp:
-            return optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        model, optim = get_state_dict(prior, optimizer)
+        names = {n for n, p in prior.named_parameters() if p.requires_grad}
+        return {n: v for n, v in model.items() if n in names}, optim
 
-        return get_optimizer_state_dict(prior, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    def load_sharded(self, prior: nn.Module, optimizer: torch.optim.Optimizer, where: Any) -> None:
+        """FSDP: read this rank's shards of a sharded checkpoint into the prior and optimizer. Collective."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        from runner.checkpoint_shards import load_shards
+
+        model, optim = self.sharded_state(prior, optimizer)
+        load_shards(where, model, optim)
+        set_state_dict(prior, optimizer, model_state_dict=model, optim_state_dict=optim,
+                       options=StateDictOptions(strict=False))
+
+    def check_sharding(self, sharded: dict[str, Any] | None, where: Any) -> None:
+        """A sharded checkpoint resumes only under FSDP with the world size that wrote it (the per-rank RNG
+        states and the data order depend on it, though DCP itself could reshard the weights)."""
+        if sharded is None or (self.fsdp and self.world_size == sharded["world_size"]):
+            return
+        n = sharded["world_size"]
+        now = f"{self.world_size} processes with strategy {self.strategy}" if self.active else "one process"
+        raise UserError(f"checkpoint {where} is sharded by FSDP over {n} processes but this run is {now}; "
+                        f"resume it with `torchrun --nproc_per_node {n} -m runner RECIPE` and "
+                        "distributed.strategy: fsdp, or export its weights (`runner export --checkpoint "
+                        f"{where} --to original -o stage_c.safetensors`) and start a new run from them "
+                        "(model.prior.path)")
 
     def load_trainable(self, prior: nn.Module, trainable: dict[str, torch.Tensor], where: Any) -> None:
         named = dict(prior.named_parameters())

@@ -30,6 +30,7 @@ __all__ = ["export_training_result", "write_readme", "add_export_arguments", "ru
 README = "README.txt"
 MERGED_NAME = "stage_c_merged.safetensors"
 FULL_NAMES = {"original": "stage_c.safetensors", "diffusers": "prior"}
+LORA_FORMATS = ("native", "comfyui", "peft", "official")  # = export_io.LORA_FILE_FORMATS keys
 
 
 def write_readme(folder: Path, written: list[Written]) -> Path:
@@ -134,10 +135,16 @@ def export_training_result(recipe: Recipe, prior: nn.Module, ema: EMA | None, ou
 # ---------------------------------------------------------------- runner export
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="a full fine-tune's checkpoint folder (OUTPUT/checkpoints/step_NNNNNN, sharded FSDP ones too), "
+        "or an output folder for its latest checkpoint: writes its weights --to original (one file) or "
+        "--to diffusers (a folder); needs no --model or --lora",
+    )
+    parser.add_argument(
         "--model",
-        required=True,
         metavar="SOURCE",
-        help="the base Stage C: a .safetensors file, a diffusers folder, or a hub id such as "
+        help="with --lora: the base Stage C: a .safetensors file, a diffusers folder, or a hub id such as "
         "stabilityai/stable-cascade-prior (with --subfolder prior); only its shapes are read "
         "unless --merge",
     )
@@ -146,13 +153,17 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--lora",
-        required=True,
         metavar="FILE[:STRENGTH]",
-        help="LoRA in any supported format (native, ComfyUI/kohya, PEFT/diffusers, official); "
-        "a trailing :STRENGTH scales it (default 1)",
+        help="with --model: a LoRA in any supported format (native, ComfyUI/kohya, PEFT/diffusers, "
+        "official); a trailing :STRENGTH scales it (default 1)",
     )
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--to", choices=["native", "comfyui", "peft", "official"], help="LoRA format to write")
+    what.add_argument(
+        "--to",
+        choices=[*LORA_FORMATS, *FULL_NAMES],
+        help="with --lora: the LoRA format to write; with --checkpoint: the layout of the full weights "
+        "(original: one .safetensors file; diffusers: a folder with config.json)",
+    )
     what.add_argument(
         "--merge",
         action="store_true",
@@ -161,8 +172,78 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the written tensors"
     )
-    parser.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    parser.add_argument(
+        "-o", "--output", required=True, help="the .safetensors file to write (--to diffusers: a folder)"
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+def _output(output: str, force: bool, *, folder: bool) -> Path:
+    """The path to write: a .safetensors file, or a folder (the diffusers layout); refuses to overwrite."""
+    out = Path(output).expanduser()
+    if folder and out.suffix == ".safetensors":
+        raise UserError(f"-o {out}: the diffusers layout is a folder (config.json + weights); give a "
+                        "folder name such as export/prior")
+    if not folder and out.suffix != ".safetensors":
+        raise UserError(f"-o {out}: give a file name ending in .safetensors")
+    if out.exists() and not force:
+        raise UserError(f"-o {out} already exists; pass --force to overwrite it, or choose another name")
+    if out.is_dir() and not folder:
+        raise UserError(f"-o {out} is a folder; give a .safetensors file name")
+    return out
+
+
+def _checkpoint_folder(arg: str) -> Path:
+    """A checkpoint folder, or an output folder's latest checkpoint."""
+    from runner.checkpoint import CHECKPOINTS, find_latest
+
+    path = Path(arg).expanduser()
+    if (path / "meta.json").is_file():
+        return path
+    latest = find_latest(path) if (path / CHECKPOINTS).is_dir() else None
+    if latest is None:
+        raise UserError(f"--checkpoint {arg}: not a checkpoint folder (no meta.json) nor an output folder "
+                        f"with complete checkpoints; give e.g. {path / CHECKPOINTS / 'step_000500'}")
+    return latest
+
+
+def _export_checkpoint(args: argparse.Namespace) -> int:
+    """A full fine-tune's checkpoint (whole or sharded) -> one file in the original or diffusers layout."""
+    import yaml
+
+    from cascade_core.checkpoint_io import CheckpointError
+    from cascade_core.stage_c_io import load_stage_c
+    from runner.checkpoint import read_meta
+    from runner.checkpoint_shards import checkpoint_weights
+    from runner.export_io import EXPORT_DTYPES, WHERE, write_full
+
+    extra = [flag for flag, given in (("--model", args.model), ("--subfolder", args.subfolder),
+                                      ("--lora", args.lora), ("--merge", args.merge)) if given]
+    if extra:
+        raise UserError(f"--checkpoint exports the checkpoint's own weights; drop {', '.join(extra)} "
+                        "(they convert or merge LoRA files)")
+    if args.to not in FULL_NAMES:
+        raise UserError(f"--to {args.to} is a LoRA format; a full fine-tune's checkpoint exports --to "
+                        "original (one .safetensors file) or --to diffusers (a folder)")
+    folder = _checkpoint_folder(args.checkpoint)
+    out = _output(args.output, args.force, folder=args.to == "diffusers")
+    meta = read_meta(folder)
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text(encoding="utf-8")) or {}
+    if (recipe.get("training") or {}).get("mode") == "lora":
+        raise UserError(f"--checkpoint {folder} is from a LoRA run (training.mode: lora); --checkpoint "
+                        "exports full fine-tunes. A LoRA run writes its adapter to "
+                        "OUTPUT/export/lora_<format>.safetensors; convert or merge that with --model/--lora")
+    try:
+        model = load_stage_c(checkpoint_weights(folder))  # architecture from the tensor shapes
+    except CheckpointError as err:
+        raise UserError(f"--checkpoint {folder}: {err}") from None
+    written = write_full(model, out, args.to, EXPORT_DTYPES[args.dtype])
+    sharded = meta.get("sharded")
+    origin = f", assembled from {sharded['world_size']} FSDP shards" if sharded else ""
+    print(f"{out}: step {meta['step']} of {folder}{origin} -> {args.to} ({args.dtype})")
+    print(f"  loads in: {WHERE[written.kind]}")
+    print(f"  check:    {written.check}")
+    return 0
 
 
 def _carried_metadata(metadata: dict[str, str]) -> tuple[list[str], dict | None]:
@@ -181,7 +262,8 @@ def _carried_metadata(metadata: dict[str, str]) -> tuple[list[str], dict | None]
 
 
 def run_export(args: argparse.Namespace) -> int:
-    """Convert a LoRA file to another format, or merge it into the base weights; verified after writing."""
+    """Convert a LoRA file to another format, merge it into the base weights, or write a full fine-tune's
+    checkpoint as one file; verified after writing."""
     from cascade_core.checkpoint_io import CheckpointError, resolve_checkpoint_files
     from cascade_core.models.stage_c import StageC
     from cascade_core.peft.lora import lora_target_shapes
@@ -197,13 +279,16 @@ def run_export(args: argparse.Namespace) -> int:
     from runner.hub import HubError, resolve_model_source
     from runner.lora_files import convert_lora, parse_lora_arg, read_lora_file
 
-    out = Path(args.output).expanduser()
-    if out.suffix != ".safetensors":
-        raise UserError(f"-o {out}: give a file name ending in .safetensors")
-    if out.exists() and not args.force:
-        raise UserError(f"-o {out} already exists; pass --force to overwrite it, or choose another name")
-    if out.is_dir():
-        raise UserError(f"-o {out} is a folder; give a .safetensors file name")
+    if args.checkpoint is not None:
+        return _export_checkpoint(args)
+    if args.to in FULL_NAMES:
+        raise UserError(f"--to {args.to} writes a full fine-tune's weights: give --checkpoint DIR (to bake a "
+                        "LoRA into the base weights use --model/--lora with --merge)")
+    missing = [flag for flag, given in (("--model", args.model), ("--lora", args.lora)) if not given]
+    if missing:
+        raise UserError(f"give {' and '.join(missing)}: converting or merging a LoRA needs the base model "
+                        "and the LoRA file; to export a full fine-tune's checkpoint give --checkpoint DIR")
+    out = _output(args.output, args.force, folder=False)
     lora_path, strength = parse_lora_arg(args.lora)
     try:
         root = resolve_model_source(args.model, subfolder=args.subfolder)

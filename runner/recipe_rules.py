@@ -165,6 +165,12 @@ def cross_field_problems(spec: Recipe, raw: dict[str, Any]) -> list[Found]:
                 "or validation.prompt_library, or set validation.enabled: false",
             )
         )
+    if spec.performance.cuda_graphs and t.scheduled_sampling.enabled:
+        out.append((("performance", "cuda_graphs"), "CUDA graphs cannot capture scheduled sampling (its "
+                    "number of model calls changes per step); disable one of the two"))
+    if spec.performance.cuda_graphs and prec.mixed_precision == "fp16":
+        out.append((("performance", "cuda_graphs"), "CUDA graphs do not support fp16 loss scaling; use "
+                    "mixed_precision bf16 or no"))
     if spec.checkpoints.resume is not None and spec.output.overwrite:
         out.append(
             (
@@ -199,6 +205,9 @@ def _device_problems(spec: Recipe) -> list[Found]:
                 "cpu; use adamw, adamw_bf16 or adafactor",
             )
         )
+    if spec.performance.cuda_graphs:
+        out.append((("performance", "cuda_graphs"), "CUDA graphs need a CUDA GPU, but device is cpu; set "
+                    "performance.cuda_graphs: false"))
     if spec.distributed.backend == "nccl":
         out.append((("distributed", "backend"), "nccl needs CUDA GPUs, but device is cpu; use gloo or auto"))
     return out

@@ -252,6 +252,7 @@ class PerformanceSpec:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"]
     attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"]
     pin_memory: bool
+    cuda_graphs: bool
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,11 @@ def loss_name(training: TrainingSpec) -> str:
     return f"{base}+rollout" if training.scheduled_sampling.enabled else base
 
 
-def autocast_context(device: torch.device, dtype: torch.dtype | None):
+def autocast_context(device: torch.device, dtype: torch.dtype | None, cache: bool = True):
+    """bf16/fp16 autocast (or nothing); `cache=False` while a CUDA graph is captured (torch's advice)."""
     if dtype is None:
         return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 def stage_c_loss(
@@ -56,6 +57,7 @@ def stage_c_loss(
     step: int,
     autocast_dtype: torch.dtype | None,
     adaptive: AdaptiveLossWeight | None,
+    autocast_cache: bool = True,
 ) -> LossResult:
     """latents [B,16,h,w] fp32, cond on the same device -> the loss of one micro-batch."""
     device = latents.device
@@ -66,7 +68,7 @@ def stage_c_loss(
     cond_kwargs = cond.as_dict()
 
     def predict(x: Tensor, r: Tensor, c: dict[str, Tensor]) -> Tensor:
-        with autocast_context(device, autocast_dtype):
+        with autocast_context(device, autocast_dtype, autocast_cache):
             return prior(x, r, **c).float()
 
     extra = 0

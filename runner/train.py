@@ -6,7 +6,8 @@ k steps + resume + N-k steps bit for bit.
 
 Under torchrun the same loop runs on every rank; runner/distributed.py owns the process group, the
 DDP / FSDP2 wrapping and the collectives. Rank 0 writes every file (checkpoints, logs, validation,
-exports); the others hand it their parts (RNG states, FSDP shards) and wait.
+exports); the others hand it their parts (RNG states, FSDP weights for validation and export) and wait.
+FSDP checkpoints are the exception: every rank writes its own shards (runner/checkpoint_shards.py).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from runner.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from runner.checkpoint_shards import save_sharded_checkpoint
 from runner.cli import dump_yaml
 from runner.distributed import Dist, session
 from runner.ema import EMA
@@ -173,13 +175,27 @@ def _train(loaded: LoadedRecipe, dist: Dist) -> dict:
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
     dist.diverge_rng(training.seed)  # each rank its own noise from here on (rank 0: unchanged)
 
+    graphed = None  # performance.cuda_graphs: the micro-batch forward + backward replayed from a CUDA graph
+    if recipe.performance.cuda_graphs:
+        from runner.graphed_step import GraphedLoss, graph_support_problem
+
+        problem = graph_support_problem(recipe, device, dist.world_size)
+        if problem is not None:
+            raise UserError(problem)
+        graphed = GraphedLoss(prior, params, training, autocast_dtype=autocast_dtype, adaptive=adaptive,
+                              accumulation_steps=training.gradient_accumulation_steps)
+
     state = TrainState()
     if resume_from is not None:
-        # FSDP: the full optimizer state stays on the host; set_optimizer_state_dict shards it
+        # FSDP: the full optimizer state of an unsharded checkpoint stays on the host; loading shards it
         ckpt = load_checkpoint(resume_from, map_location="cpu" if dist.fsdp else device, restore_rng=False)
+        dist.check_sharding(ckpt.sharded, resume_from)
         dist.check_world_size(ckpt.rng_states, resume_from)
-        dist.load_trainable(prior, ckpt.trainable, resume_from)
-        dist.load_optimizer(prior, optimizer, ckpt.optimizer)
+        if ckpt.sharded is not None:  # each rank reads its own shards; no full tensor anywhere
+            dist.load_sharded(prior, optimizer, resume_from)
+        else:
+            dist.load_trainable(prior, ckpt.trainable, resume_from)
+            dist.load_optimizer(prior, optimizer, ckpt.optimizer)
         scheduler.load_state_dict(ckpt.scheduler)
         if ema is not None and ckpt.ema is not None:
             ema.load_state_dict(ckpt.ema)
@@ -198,19 +214,24 @@ def _train(loaded: LoadedRecipe, dist: Dist) -> dict:
                        wandb_project=recipe.logging.wandb_project or "cascade-runner", device=device)
 
     def checkpoint() -> None:
-        """Every rank hands over its part (FSDP shards, RNG state); rank 0 writes the folder."""
-        trainable, optimizer_state = dist.trainable_state(prior), dist.optimizer_state(prior, optimizer)
+        """Rank 0 writes the folder; every rank hands over its RNG state and under FSDP writes its shards."""
         rng_states = dist.gather_objects(capture_rng_state())
+        small = dict(scheduler_state=scheduler.state_dict(), recipe_text=dump_yaml(loaded.resolved),
+                     data_cursor={"loader": loader.state_dict(), "samples": state.samples},
+                     loss_weight_state=adaptive.state_dict() if adaptive is not None else None,
+                     keep_last=recipe.checkpoints.keep_last, rng_states=rng_states)
+        if dist.fsdp:  # EMA is refused with FSDP (runner/distributed.session)
+            model_state, optimizer_state = dist.sharded_state(prior, optimizer)
+            path = save_sharded_checkpoint(out, state.step, dist=dist, model_state=model_state,
+                                           optimizer_state=optimizer_state, **small)
+            if path is not None:  # rank 0
+                logger.add_file(path.parent)
+            return
 
         def write() -> None:
-            path = save_checkpoint(
-                out, state.step, trainable=trainable, optimizer_state=optimizer_state,
-                scheduler_state=scheduler.state_dict(),
-                data_cursor={"loader": loader.state_dict(), "samples": state.samples},
-                recipe_text=dump_yaml(loaded.resolved),
-                ema_state=ema.state_dict() if ema is not None else None,
-                loss_weight_state=adaptive.state_dict() if adaptive is not None else None,
-                keep_last=recipe.checkpoints.keep_last, rng_states=rng_states)
+            path = save_checkpoint(out, state.step, trainable=dist.trainable_state(prior),
+                                   optimizer_state=optimizer.state_dict(),
+                                   ema_state=ema.state_dict() if ema is not None else None, **small)
             logger.add_file(path.parent)
 
         dist.on_main(write)
@@ -247,11 +268,14 @@ def _train(loaded: LoadedRecipe, dist: Dist) -> dict:
             latents = _latents(batch, effnet, latent_cache, recipe.data.cache.encoder_batch_size, device)
             cond = _conditioning(batch["captions"], text, text_cache, empty, training.caption_dropout,
                                  recipe.data.cache.text_batch_size, device)
-            with dist.accumulating(model, sync=(micro + 1) % accum == 0):  # reduce grads on the last only
-                result = stage_c_loss(model, latents, cond, training, step=state.step,
-                                      autocast_dtype=autocast_dtype, adaptive=adaptive)
-                loss = result.loss / accum
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+            if graphed is not None:  # one process, so nothing to synchronise; adds into .grad itself
+                result = graphed(latents, cond)
+            else:
+                with dist.accumulating(model, sync=(micro + 1) % accum == 0):  # reduce grads on the last
+                    result = stage_c_loss(model, latents, cond, training, step=state.step,
+                                          autocast_dtype=autocast_dtype, adaptive=adaptive)
+                    loss = result.loss / accum
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
             window_loss += float(result.loss.detach())
             if adaptive is not None:  # every rank updates with the global batch, so they stay equal
                 raw, logsnr = dist.gather_cat(result.raw), dist.gather_cat(result.logsnr)
@@ -279,7 +303,7 @@ def _train(loaded: LoadedRecipe, dist: Dist) -> dict:
             else:
                 state.skipped_nonfinite += 1
                 state.nonfinite_in_a_row += 1
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=graphed is None)  # graphs add into the same .grad tensors
             state.step += 1
             if finite and ema is not None:
                 ema.update(state.step)
@@ -294,6 +318,7 @@ def _train(loaded: LoadedRecipe, dist: Dist) -> dict:
                     "skipped_nonfinite": state.skipped_nonfinite, "rollout_forwards": result.extra_forwards,
                     "text_cache_hits": text_cache.hits if text_cache else None,
                     "latent_cache_hits": latent_cache.hits if latent_cache else None,
+                    "cuda_graphs": graphed.captures if graphed is not None else None,
                     "elapsed_s": round(time.perf_counter() - started, 3)})
             if state.nonfinite_in_a_row > MAX_NONFINITE_IN_A_ROW:
                 checkpoint()

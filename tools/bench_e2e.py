@@ -76,6 +76,7 @@ def report(out_dir: Path, wall_s: float) -> dict:
         "loss_first_10": round(float(np.mean([r["loss"] for r in rows[:10]])), 4),
         "loss_last_10": round(float(np.mean([r["loss"] for r in rows[-10:]])), 4),
         "validation_image_sizes": images,
+        "cuda_graphs_captured": rows[-1].get("cuda_graphs"),
     }
 
 

@@ -7,9 +7,9 @@ A case is `impl:flavour:mode:batch[:flag,...]`: impl `ours` | `diffusers`; flavo
 `stage-c-lite` | `tiny`; mode `fp32` (TF32 off) | `tf32` | `bf16-autocast` (fp32 weights) | `bf16`
 (frozen base in bf16, LoRA in fp32) | `int8` (ours: int8 base, bf16 activations, LoRA fp32); flags
 `ckpt` (gradient checkpointing), `compile` (ours: runner.performance.compile_blocks),
-`nchw` (ours: contiguous activations instead of channels-last, for A/B), `graph` (ours, experimental:
-the whole step captured as one CUDA graph and replayed; on torch 2.11 / H200 the replay hit an illegal
-memory access with cuDNN and with flash attention alike, 2026-11-29, not yet understood).
+`nchw` (ours: contiguous activations instead of channels-last, for A/B), `graph` (ours: the product's
+`performance.cuda_graphs`, runner/graphed_step.py: the training loss of recipes/stage_c_lora.yaml with
+its forward + backward captured as a CUDA graph and replayed, fused AdamW outside the graph).
 
 Both models are built from random weights on the meta device and materialized on the GPU (no CPU
 copy), LoRA rank 16 / alpha 16 on the attention projections (ours: fused in_proj + out_proj,
@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tools"), str(ROOT)]
 from bench_profile import attention_kernels, profile_steps  # noqa: E402
 
 from cascade_core.formats import original_to_diffusers_config  # noqa: E402
@@ -87,8 +88,6 @@ class Case:
             raise SystemExit(f"case {text!r}: unknown impl, mode or flag")
         if impl == "diffusers" and (mode == "int8" or flags & SPEED_FLAGS):
             raise SystemExit(f"case {text!r}: int8 / compile / nchw / graph are cases of ours only")
-        if {"graph", "ckpt"} <= flags:
-            raise SystemExit(f"case {text!r}: graph capture does not support gradient checkpointing")
         return cls(impl, flavour, mode, int(batch), flags)
 
     @property
@@ -170,8 +169,7 @@ def make_step(case: Case, model: nn.Module, inputs: dict[str, Tensor]) -> Callab
     clips = {k: inputs[k].to(act) for k in ("clip_text", "clip_text_pooled", "clip_img")}
     params = [p for p in model.parameters() if p.requires_grad]
     fused = params[0].is_cuda
-    capturable = {"capturable": True} if "graph" in case.flags else {}
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused or None, **capturable)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused or None)
     autocast = case.mode == "bf16-autocast"
     if case.impl == "ours":
         r = inputs["r"]
@@ -196,26 +194,31 @@ def make_step(case: Case, model: nn.Module, inputs: dict[str, Tensor]) -> Callab
     return step
 
 
-def capture_step(step: Callable[[], object], warmup: int = 3) -> Callable[[], object]:
-    """`step` captured as one CUDA graph (warm-up on a side stream first); returns its replay.
+def make_graphed_step(case: Case, model: nn.Module, inputs: dict[str, Tensor]) -> Callable[[], Tensor]:
+    """The product's `performance.cuda_graphs` path: runner.graphed_step.GraphedLoss (stage_c_loss of
+    recipes/stage_c_lora.yaml: noise, t ~ U, P2 weight; forward + backward captured per shape) and the
+    fused AdamW step outside the graph, as runner/train.py runs them."""
+    from cascade_core.models.text import TextConditioning
+    from runner.graphed_step import GraphedLoss
+    from runner.recipe import read_recipe
 
-    Why: at batch 4 the step is host-bound (GPU idle 40-55% of each step, see the profiles). Needs
-    fixed shapes, static input tensors, a capturable optimizer, no host syncs, no checkpointing."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    training = read_recipe(ROOT / "recipes" / "stage_c_lora.yaml", paths="warn").spec.training
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    # as runner/train.py: mixed_precision bf16 autocasts in both bf16 modes (bf16 weights or fp32 weights)
+    autocast = torch.bfloat16 if case.mode in ("bf16-autocast", "bf16", "int8") else None
+    graphed = GraphedLoss(model, params, training, autocast_dtype=autocast, adaptive=None,
+                          accumulation_steps=1)
+    latents = inputs["x"]  # fp32, as the loop hands them over
+    cond = TextConditioning(inputs["clip_text"], inputs["clip_text_pooled"], inputs["clip_img"])
 
-    def replay() -> object:
-        graph.replay()
-        return out
+    def step() -> Tensor:
+        loss = graphed(latents, cond).loss
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # the graph adds into these .grad tensors
+        return loss
 
-    return replay
+    return step
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -267,7 +270,8 @@ def run_case(case: Case, device: torch.device, args, flops_cache: dict, peak: fl
     torch._dynamo.reset()
     builder = build_ours if case.impl == "ours" else build_diffusers
     model = builder(case, device)
-    step = make_step(case, model, make_inputs(case.batch, StageCConfig.preset(case.flavour), device))
+    inputs = make_inputs(case.batch, StageCConfig.preset(case.flavour), device)
+    step = make_step(case, model, inputs)
     result: dict = {"case": case.label, **asdict(case), "flags": sorted(case.flags)}
     key = (case.impl, case.flavour, case.batch, "ckpt" in case.flags)
     if key not in flops_cache:
@@ -276,11 +280,13 @@ def run_case(case: Case, device: torch.device, args, flops_cache: dict, peak: fl
         compile_blocks(model)
     start = time.perf_counter()
     if "graph" in case.flags:
-        step = capture_step(step, warmup=args.warmup)
+        step = make_graphed_step(case, model, inputs)  # captures on its first call (timed below)
     first = timed(step, device)  # includes torch.compile when on, cuDNN/cuBLAS autotuning otherwise
     setup = time.perf_counter() - start
     for _ in range(args.warmup - 1):
         step()
+    # a graph's activations were allocated while it was captured (in its pool): keep that peak
+    capture_peak = peak_gib(device) if "graph" in case.flags else 0.0
     free(device)
     times = [timed(step, device) for _ in range(args.steps)]
     s = statistics.median(times)
@@ -288,7 +294,7 @@ def run_case(case: Case, device: torch.device, args, flops_cache: dict, peak: fl
     result.update(
         s_per_step=round(s, 4),
         step_times=[round(t, 4) for t in times],
-        peak_gib=round(peak_gib(device), 2),
+        peak_gib=round(max(capture_peak, peak_gib(device)), 2),
         reserved_gib=round(torch.cuda.memory_reserved(device) / 2**30, 2) if device.type == "cuda" else None,
         tflop_per_step=round(flops / 1e12, 2),
         tflops=round(flops / s / 1e12, 1),

@@ -19,8 +19,12 @@ VAR_CLAMP = (1e-4, 0.9999)
 TRAIN_T_MIN = 0.001
 
 
+@lru_cache(maxsize=16)
 def _s_and_min_var(device: torch.device) -> tuple[Tensor, Tensor]:
-    """s as a float32 tensor and min_var = cos(s/(1+s)*pi/2)^2, both shape [1]: the official constants."""
+    """s as a float32 tensor and min_var = cos(s/(1+s)*pi/2)^2, both shape [1]: the official constants.
+
+    Made once per device (read-only): no host-to-device copy per training step, which also lets the
+    step be captured in a CUDA graph (runner/graphed_step.py)."""
     s = torch.tensor([S], dtype=torch.float32, device=device)
     min_var = torch.cos(s / (1 + s) * torch.pi * 0.5) ** 2
     return s, min_var

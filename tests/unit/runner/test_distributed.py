@@ -1,4 +1,5 @@
-"""Two processes over gloo (CPU): same result as one process, exact resume, world-size guard, dead rank.
+"""Two processes over gloo (CPU): same result as one process, exact resume, world-size guard, dead rank,
+FSDP2 with sharded checkpoints.
 
 Runs go through `python -m torch.distributed.run` (torchrun) or plain subprocesses with torchrun's
 environment, exactly as users launch them. Test-only behaviour (per-sample noise, a rank that dies) is
@@ -20,9 +21,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import runner.train as train_module
+from cascade_core.stage_c_io import load_stage_c, stage_c_state_dict
+from runner.checkpoint import find_latest
+from runner.checkpoint_shards import checkpoint_weights
+from runner.cli import main
 from runner.distributed import Launch, read_launch
 from runner.errors import UserError
 from runner.recipe import read_recipe
@@ -226,9 +233,28 @@ def test_a_dead_peer_gives_a_clear_error_without_torchrun_supervision(setup, tmp
     assert time.monotonic() - started < 40  # distributed.timeout_s is 10
 
 
-def test_fsdp2_full_fine_tune_matches_one_process_and_resumes(setup, tmp_path, monkeypatch):
-    """FSDP2 (fp32 params and reduce) over 2 ranks == a plain full fine-tune with the global batch,
-    also after a resume (full optimizer state gathered on save, sharded again on load)."""
+def _unsharded_copy(run: Path, to: Path) -> Path:
+    """The run with its step-2 checkpoint rewritten as earlier versions wrote FSDP checkpoints: the full
+    weights and the full optimizer state keyed by parameter name, gathered on rank 0."""
+    shutil.copytree(run, to)
+    shutil.rmtree(to / "export")
+    step = to / "checkpoints/step_000002"
+    dcp_to_torch_save(step / "sharded", to / "full.pt")
+    full = torch.load(to / "full.pt", weights_only=True)
+    save_file(full["model"], str(step / "trainable.safetensors"))
+    torch.save(full["optim"], step / "optimizer.pt")
+    shutil.rmtree(step / "sharded")
+    meta = json.loads((step / "meta.json").read_text())
+    del meta["sharded"]
+    (step / "meta.json").write_text(json.dumps({**meta, "format": 1}))
+    return to
+
+
+def test_fsdp2_full_fine_tune_matches_one_process_resumes_sharded_and_exports(setup, tmp_path, monkeypatch):
+    """FSDP2 (fp32 params and reduce) over 2 ranks == a plain full fine-tune with the global batch, also
+    after a resume from its sharded checkpoint (each rank wrote and reads back only its shards); that
+    checkpoint refuses another world size, survives a crashed save, and exports offline as one file.
+    An unsharded FSDP checkpoint of earlier versions still resumes."""
     lora_recipe, wrapper = setup
     recipe = tmp_path / "full.yaml"
     text = lora_recipe.read_text().replace("mode: lora\n  lora: {rank: 4, alpha: 4}", "mode: full")
@@ -238,22 +264,50 @@ def test_fsdp2_full_fine_tune_matches_one_process_and_resumes(setup, tmp_path, m
     full = ("training.learning_rate=1e-4", "training.optimizer.eps=1e-2", "export.full_formats=[original]")
     train_one_process(wrapper, recipe, monkeypatch, *full, "training.max_steps=3", "training.batch_size=2",
                       f"output.dir={tmp_path / 'one'}")
+    two = tmp_path / "two"
     fsdp = ("distributed.strategy=fsdp", "distributed.fsdp_param_dtype=fp32",
-            "distributed.fsdp_reduce_dtype=fp32", f"output.dir={tmp_path / 'two'}")
-    two = torchrun(2, str(wrapper), "noise", str(recipe), *full, *fsdp, "training.max_steps=2")
-    assert two.returncode == 0, two.stderr[-3000:]
-    optimizer = torch.load(tmp_path / "two/checkpoints/step_000002/optimizer.pt", weights_only=True)
-    assert set(optimizer["state"]) == set(lora(tmp_path / "one", 2))  # full state, keyed by parameter name
+            "distributed.fsdp_reduce_dtype=fp32", f"output.dir={two}")
+    done = torchrun(2, str(wrapper), "noise", str(recipe), *full, *fsdp, "training.max_steps=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    step2 = two / "checkpoints/step_000002"
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp"} == {p.name for p in (step2 / "sharded").iterdir()}
+    assert not (step2 / "trainable.safetensors").exists() and not (step2 / "optimizer.pt").exists()
+    assert json.loads((step2 / "meta.json").read_text())["sharded"]["world_size"] == 2
+    saved = dcp.FileSystemReader(step2 / "sharded").read_metadata().state_dict_metadata
+    names = set(lora(tmp_path / "one", 2))
+    assert {k for k in saved if k.startswith("model.")} == {f"model.{n}" for n in names}
+    assert {f"optim.state.{n}.exp_avg_sq" for n in names} <= set(saved)  # sharded optimizer state too
+
+    with pytest.raises(UserError, match="sharded by FSDP over 2 processes but this run is one process"):
+        train(read_recipe(recipe, [*full, *fsdp, "checkpoints.resume=latest"]))
+    legacy = _unsharded_copy(two, tmp_path / "legacy")
+    crashed = two / "checkpoints/.tmp-step_000003"  # a save of step 3 killed after the shards were written
+    (crashed / "sharded").mkdir(parents=True)
+    (crashed / "sharded/__0_0.distcp").write_bytes(b"partial")
+    assert find_latest(two) == step2
     more = torchrun(2, str(wrapper), "noise", str(recipe), *full, *fsdp, "training.max_steps=3",
                     "checkpoints.resume=latest")
     assert more.returncode == 0, more.stderr[-3000:]
-    for step in (2, 3):
-        a, b = lora(tmp_path / "one", step), lora(tmp_path / "two", step)
+    assert find_latest(two).name == "step_000003" and not crashed.exists()
+    old = torchrun(2, str(wrapper), "noise", str(recipe), *full, *fsdp, f"output.dir={legacy}",
+                   "training.max_steps=3", "checkpoints.resume=latest")
+    assert old.returncode == 0, old.stderr[-3000:]
+    for out, step in ((two, 2), (two, 3), (legacy, 3)):
+        a, b = lora(tmp_path / "one", step), checkpoint_weights(out / f"checkpoints/step_{step:06d}")
         assert a.keys() == b.keys() and len(a) > 10
         for key in a:
-            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"step {step}: {key}")
-    exported = load_file(str(tmp_path / "two/export/stage_c.safetensors"))
-    assert exported.keys() and all(torch.isfinite(t).all() for t in exported.values())
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"{out} {step}: {key}")
+
+    gathered = load_file(str(two / "export/stage_c.safetensors"))  # rank 0's end-of-training export
+    out = str(tmp_path / "c.safetensors")
+    assert main(["export", "--checkpoint", str(two), "--to", "original", "-o", out]) == 0  # its latest
+    assert main(["export", "--checkpoint", str(two / "checkpoints/step_000003"), "--to", "diffusers",
+                 "-o", str(tmp_path / "prior")]) == 0
+    original = load_file(out)
+    diffusers = stage_c_state_dict(load_stage_c(tmp_path / "prior"), "original")
+    assert original.keys() == diffusers.keys() == gathered.keys()
+    for key in gathered:
+        assert torch.equal(original[key], gathered[key]) and torch.equal(diffusers[key], gathered[key]), key
 
 
 def test_fsdp2_with_activation_checkpointing_and_adamw_bf16(setup, tmp_path, monkeypatch):
@@ -273,7 +327,7 @@ def test_fsdp2_with_activation_checkpointing_and_adamw_bf16(setup, tmp_path, mon
                    "distributed.fsdp_param_dtype=fp32", "distributed.fsdp_reduce_dtype=fp32",
                    f"output.dir={tmp_path / 'two'}")
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = lora(tmp_path / "one", 2), lora(tmp_path / "two", 2)
+    a, b = lora(tmp_path / "one", 2), checkpoint_weights(tmp_path / "two/checkpoints/step_000002")
     assert a.keys() == b.keys() and len(a) > 10
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -261,3 +261,39 @@ def test_cli_reads_diffusers_folder_on_meta(golden, tmp_path, golden_dir):
     assert _cli("--model", repo, "--subfolder", "prior", "--lora", lora, "--to", "comfyui", "-o", out) == 0
     missing = tmp_path / "nothing"
     assert _cli("--model", missing, "--lora", lora, "--to", "peft", "-o", tmp_path / "y.safetensors") == 2
+
+
+def test_cli_exports_a_full_checkpoint_and_explains_wrong_arguments(golden, base_file, tmp_path, capsys):
+    """`--checkpoint` on an unsharded full fine-tune checkpoint (sharded ones: test_distributed.py);
+    the architecture comes from the tensor shapes, no --model needed."""
+    from runner.checkpoint import save_checkpoint
+    from runner.export import LORA_FORMATS
+    from runner.export_io import LORA_FILE_FORMATS
+
+    assert LORA_FORMATS == tuple(LORA_FILE_FORMATS)  # the CLI's --to choices name every LoRA format
+    weights = {k: v + 0.5 for k, v in golden[0].items()}  # "trained": differs from the base everywhere
+    ckpt = save_checkpoint(tmp_path / "run", 4, trainable=weights, optimizer_state={}, scheduler_state={},
+                           data_cursor={}, recipe_text="training: {mode: full}\n")
+    out = tmp_path / "ft.safetensors"
+    assert _cli("--checkpoint", tmp_path / "run", "--to", "original", "--dtype", "bf16", "-o", out) == 0
+    assert f"step 4 of {ckpt}" in capsys.readouterr().out
+    got = _read(out)[0]
+    assert got.keys() == weights.keys()
+    for key, value in weights.items():
+        assert torch.equal(got[key], value.to(torch.bfloat16)), key
+
+    lora_run = save_checkpoint(tmp_path / "lora_run", 1, trainable={"w": torch.ones(1)}, optimizer_state={},
+                               scheduler_state={}, data_cursor={}, recipe_text="training: {mode: lora}\n")
+    new = tmp_path / "new.safetensors"
+    errors = {
+        "is from a LoRA run": ("--checkpoint", lora_run, "--to", "original", "-o", new),
+        "drop --lora": ("--checkpoint", ckpt, "--lora", "x.safetensors", "--to", "original", "-o", out),
+        "is a LoRA format": ("--checkpoint", ckpt, "--to", "peft", "-o", new),
+        "the diffusers layout is a folder": ("--checkpoint", ckpt, "--to", "diffusers", "-o", out),
+        "not a checkpoint folder": ("--checkpoint", tmp_path, "--to", "original", "-o", new),
+        "give --checkpoint DIR": ("--model", base_file, "--lora", "x", "--to", "original", "-o", out),
+        "give --model": ("--lora", "x.safetensors", "--to", "peft", "-o", new),
+    }
+    for message, args in errors.items():
+        assert _cli(*args) == 2, message
+        assert message in capsys.readouterr().err

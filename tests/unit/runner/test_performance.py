@@ -47,7 +47,8 @@ def _inputs(b: int = 2):
 
 
 def _spec(**kw) -> PerformanceSpec:
-    values = {"compile": "none", "compile_mode": "default", "attention_backend": "auto", "pin_memory": True}
+    values = {"compile": "none", "compile_mode": "default", "attention_backend": "auto", "pin_memory": True,
+              "cuda_graphs": False}
     return PerformanceSpec(**{**values, **kw})
 
 
