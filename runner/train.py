@@ -123,7 +123,7 @@ def _train(loaded: LoadedRecipe, dist: Dist) -> dict:
     device = dist.device
     autocast_dtype = _precision_setup(recipe, device)
     out = Path(recipe.output.dir)
-    resume_from = resolve_resume(out, recipe.checkpoints.resume) if out.exists() else None
+    resume_from = resolve_resume(out, recipe.checkpoints.resume)  # an explicit folder works into a new output
     dist.on_main(prepare_output_dir, out, resuming=resume_from is not None, overwrite=recipe.output.overwrite)
     torch.manual_seed(training.seed)  # the same on every rank: identical LoRA init and frozen parts
 

@@ -114,6 +114,12 @@ def test_resume_is_exact(tmp_path, recipe_path, monkeypatch):
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    # a checkpoint folder named explicitly continues into a new, not yet existing output folder
+    branch = tmp_path / "branch"
+    summary = run(recipe_path, f"output.dir={branch}",
+                  f"checkpoints.resume={tmp_path / 'straight/checkpoints/step_000003'}")
+    assert summary["steps_this_session"] == 3
+    assert losses(branch) == losses(tmp_path / "straight")[3:]
 
 
 def test_a_nan_step_is_skipped_and_counted(tmp_path, recipe_path, monkeypatch):
