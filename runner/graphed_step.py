@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from cascade_core.diffusion.objective import AdaptiveLossWeight
 from cascade_core.models.text import TextConditioning
+from runner.errors import UserError
 from runner.spec import Recipe, TrainingSpec
 from runner.step import LossResult, stage_c_loss
 
@@ -122,8 +123,14 @@ class GraphedLoss:
         torch.cuda.current_stream(latents.device).wait_stream(side)
         torch.cuda.set_rng_state(rng, latents.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            result = self._forward_backward(static_latents, static_cond, accumulate=True)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                result = self._forward_backward(static_latents, static_cond, accumulate=True)
+        except RuntimeError as err:  # e.g. a host sync or a CPU tensor copy somewhere in the step
+            raise UserError(
+                f"performance.cuda_graphs: the training step of shape {list(latents.shape)} could not be "
+                f"captured as a CUDA graph ({err!s:.300}); set performance.cuda_graphs: false for this "
+                "model and settings") from err
         torch.cuda.set_rng_state(rng, latents.device)
         if self.pool is None:
             self.pool = graph.pool()

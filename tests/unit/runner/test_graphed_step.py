@@ -12,6 +12,7 @@ import torch
 from cascade_core.models.stage_c import StageC, StageCConfig
 from cascade_core.models.text import TextConditioning
 from cascade_core.peft.lora import inject_lora, lora_parameters
+from runner.errors import UserError
 from runner.graphed_step import GraphedLoss, graph_support_problem
 from runner.recipe import RecipeError, read_recipe
 from runner.step import stage_c_loss
@@ -142,3 +143,22 @@ def test_zeroing_in_place_starts_a_fresh_accumulation(tmp_path):
     assert all(p.grad is g for p, g in zip(params, grads, strict=True)), "the .grad tensors must be kept"
     for p, expected in zip(params, first, strict=True):
         torch.testing.assert_close(p.grad, expected)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_step_that_cannot_be_captured_names_the_switch(tmp_path, monkeypatch):
+    device = torch.device("cuda")
+    training = _recipe(tmp_path).training
+    prior, params = _prior(device)
+    real_forward = prior.forward
+
+    def syncing_forward(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        out.sum().item()  # a host sync: legal eagerly, not inside a capture
+        return out
+
+    monkeypatch.setattr(prior, "forward", syncing_forward)
+    graphed = GraphedLoss(prior, params, training, autocast_dtype=None, adaptive=None, accumulation_steps=1)
+    with pytest.raises(UserError, match="performance.cuda_graphs: false"):
+        graphed(*_batch(2, 1, device))
