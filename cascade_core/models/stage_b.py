@@ -14,20 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from cascade_core.formats import diffusers_config_to_original, infer_unet_hparams
 from cascade_core.models.blocks import (
-    AttnBlock,
-    FeedForwardBlock,
     LayerNorm2d,
-    ResBlock,
-    TimestepBlock,
     apply_block,
-    r_embedding,
 )
+from cascade_core.models.unet import build_levels, embed_r, resize, walk_levels
 from cascade_core.models.unet_config import UNetConfig
 
 __all__ = ["StageBConfig", "StageB", "STAGE_B_PRESETS", "stage_b_config_from_shapes"]
@@ -150,11 +144,6 @@ def _mapper(c_in: int, c_out: int, kw: dict) -> nn.Sequential:
     )
 
 
-def _resize(x: Tensor, size: torch.Size | tuple[int, int], dtype: torch.dtype) -> Tensor:
-    # The official code interpolates in float32 (bilinear, align_corners=True).
-    return F.interpolate(x.float(), size=tuple(size), mode="bilinear", align_corners=True).to(dtype)
-
-
 class StageB(nn.Module):
     """Stage B: model(x, r, effnet, clip, pixels=None, sca=None) -> predicted noise like x."""
 
@@ -163,7 +152,7 @@ class StageB(nn.Module):
         cfg = config or StageBConfig()
         self.config = cfg
         kw = {"device": device, "dtype": dtype}
-        hidden, n = cfg.c_hidden, len(cfg.c_hidden)
+        hidden = cfg.c_hidden
 
         self.effnet_mapper = _mapper(cfg.c_effnet, hidden[0], kw)
         self.pixels_mapper = _mapper(cfg.c_pixels, hidden[0], kw)
@@ -175,69 +164,17 @@ class StageB(nn.Module):
             LayerNorm2d(hidden[0]),
         )
 
-        def block(letter: str, i: int, c_skip: int = 0) -> nn.Module:
-            c, p = hidden[i], cfg.dropout[i]
-            if letter == "C":
-                return ResBlock(c, c_skip, kernel_size=cfg.kernel_size, dropout=p, **kw)
-            if letter == "A":
-                return AttnBlock(c, cfg.c_cond, cfg.nhead[i], self_attn=cfg.self_attn, dropout=p, **kw)
-            if letter == "F":
-                return FeedForwardBlock(c, dropout=p, **kw)
-            return TimestepBlock(c, cfg.c_r, conds=cfg.t_conds, **kw)
-
-        self.down_blocks, self.down_downscalers, self.down_repeat_mappers = (
-            nn.ModuleList(),
-            nn.ModuleList(),
-            nn.ModuleList(),
+        build_levels(
+            self, cfg, cfg.c_cond, kw,
+            downscaler=lambda i: nn.Sequential(
+                LayerNorm2d(hidden[i - 1]),
+                nn.Conv2d(hidden[i - 1], hidden[i], kernel_size=2, stride=2, **kw),
+            ),
+            upscaler=lambda i: nn.Sequential(
+                LayerNorm2d(hidden[i]),
+                nn.ConvTranspose2d(hidden[i], hidden[i - 1], kernel_size=2, stride=2, **kw),
+            ),
         )
-        for i in range(n):
-            self.down_downscalers.append(
-                nn.Sequential(
-                    LayerNorm2d(hidden[i - 1]),
-                    nn.Conv2d(hidden[i - 1], hidden[i], kernel_size=2, stride=2, **kw),
-                )
-                if i > 0
-                else nn.Identity()
-            )
-            self.down_blocks.append(
-                nn.ModuleList([block(t, i) for _ in range(cfg.blocks[0][i]) for t in cfg.level_config[i]])
-            )
-            self.down_repeat_mappers.append(
-                nn.ModuleList(
-                    [nn.Conv2d(hidden[i], hidden[i], 1, **kw) for _ in range(cfg.block_repeat[0][i] - 1)]
-                )
-            )
-
-        self.up_blocks, self.up_upscalers, self.up_repeat_mappers = (
-            nn.ModuleList(),
-            nn.ModuleList(),
-            nn.ModuleList(),
-        )
-        for i in reversed(range(n)):  # up_blocks.0 is the deepest level
-            self.up_upscalers.append(
-                nn.Sequential(
-                    LayerNorm2d(hidden[i]),
-                    nn.ConvTranspose2d(hidden[i], hidden[i - 1], kernel_size=2, stride=2, **kw),
-                )
-                if i > 0
-                else nn.Identity()
-            )
-            level = nn.ModuleList()
-            for j in range(cfg.blocks[1][::-1][i]):
-                for k, t in enumerate(cfg.level_config[i]):
-                    c_skip = (
-                        hidden[i] if i < n - 1 and j == k == 0 else 0
-                    )  # first ResBlock takes the long skip
-                    level.append(block(t, i, c_skip))
-            self.up_blocks.append(level)
-            self.up_repeat_mappers.append(
-                nn.ModuleList(
-                    [
-                        nn.Conv2d(hidden[i], hidden[i], 1, **kw)
-                        for _ in range(cfg.block_repeat[1][::-1][i] - 1)
-                    ]
-                )
-            )
 
         self.clf = nn.Sequential(
             LayerNorm2d(hidden[0]),
@@ -247,11 +184,7 @@ class StageB(nn.Module):
 
     def embed_r(self, r: Tensor, **conds: Tensor | None) -> Tensor:
         """[B] noise level (+ t_conds, default 0) -> [B, c_r * (1 + len(t_conds))]."""
-        parts = [r_embedding(r, self.config.c_r)]
-        for name in self.config.t_conds:
-            value = conds.get(name)
-            parts.append(r_embedding(torch.zeros_like(r) if value is None else value.to(r), self.config.c_r))
-        return torch.cat(parts, dim=1)
+        return embed_r(self.config, r, conds)
 
     def embed_clip(self, clip: Tensor) -> Tensor:
         """Pooled text [B,1,c_clip] (or [B,c_clip]) -> c_clip_seq LayerNorm'd tokens [B, 4, c_cond]."""
@@ -292,32 +225,8 @@ class StageB(nn.Module):
 
         x = self.embedding(x)  # [B, c_hidden[0], H/2, W/2]
         size = x.shape[-2:]
-        x = x + self.effnet_mapper(_resize(effnet, size, dtype))  # resize, then map
-        x = x + _resize(self.pixels_mapper(pixels.to(dtype)), size, dtype)  # map, then resize
+        x = x + self.effnet_mapper(resize(effnet, size, dtype))  # resize, then map
+        x = x + resize(self.pixels_mapper(pixels.to(dtype)), size, dtype)  # map, then resize
 
-        levels: list[Tensor] = []
-        for blocks, downscaler, repmap in zip(
-            self.down_blocks, self.down_downscalers, self.down_repeat_mappers, strict=False
-        ):
-            x = downscaler(x)  # halves H, W for levels > 0 (floor for odd sizes)
-            for rep in range(len(repmap) + 1):
-                for blk in blocks:
-                    x = apply_block(blk, x, r_embed, clip_tokens)
-                if rep < len(repmap):
-                    x = repmap[rep](x)
-            levels.insert(0, x)
-
-        x = levels[0]
-        for u, (blocks, upscaler, repmap) in enumerate(
-            zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers, strict=True)
-        ):
-            for rep in range(len(repmap) + 1):
-                for k, blk in enumerate(blocks):
-                    skip = levels[u] if k == 0 and u > 0 and isinstance(blk, ResBlock) else None
-                    if skip is not None and x.shape[-2:] != skip.shape[-2:]:
-                        x = _resize(x, skip.shape[-2:], dtype)  # odd sizes: the upscaler undershoots
-                    x = apply_block(blk, x, r_embed, clip_tokens, skip)
-                if rep < len(repmap):
-                    x = repmap[rep](x)
-            x = upscaler(x)
+        x = walk_levels(self, x, lambda blk, h, skip: apply_block(blk, h, r_embed, clip_tokens, skip), dtype)
         return self.clf(x)

@@ -25,8 +25,8 @@ from cascade_core.models.blocks import (
     TimestepBlock,
     UpDownBlock2d,
     apply_block,
-    r_embedding,
 )
+from cascade_core.models.unet import build_levels, embed_r, walk_levels
 from cascade_core.models.unet_config import UNetConfig
 
 __all__ = ["StageCConfig", "StageC", "STAGE_C_PRESETS", "stage_c_config_from_shapes"]
@@ -158,72 +158,17 @@ class StageC(nn.Module):
             LayerNorm2d(hidden[0]),
         )
 
-        def block(letter: str, i: int, c_skip: int = 0) -> nn.Module:
-            c, p = hidden[i], cfg.dropout[i]
-            if letter == "C":
-                return ResBlock(c, c_skip, kernel_size=cfg.kernel_size, dropout=p, **kw)
-            if letter == "A":
-                return AttnBlock(c, c_cond, cfg.nhead[i], self_attn=cfg.self_attn, dropout=p, **kw)
-            if letter == "F":
-                return FeedForwardBlock(c, dropout=p, **kw)
-            return TimestepBlock(c, cfg.c_r, conds=cfg.t_conds, **kw)
-
-        n = len(hidden)
-        self.down_blocks, self.down_downscalers, self.down_repeat_mappers = (
-            nn.ModuleList(),
-            nn.ModuleList(),
-            nn.ModuleList(),
+        build_levels(
+            self, cfg, c_cond, kw,
+            downscaler=lambda i: nn.Sequential(
+                LayerNorm2d(hidden[i - 1]),
+                UpDownBlock2d(hidden[i - 1], hidden[i], mode="down", enabled=cfg.switch_level[i - 1], **kw),
+            ),
+            upscaler=lambda i: nn.Sequential(
+                LayerNorm2d(hidden[i]),
+                UpDownBlock2d(hidden[i], hidden[i - 1], mode="up", enabled=cfg.switch_level[i - 1], **kw),
+            ),
         )
-        for i in range(n):
-            self.down_downscalers.append(
-                nn.Sequential(
-                    LayerNorm2d(hidden[i - 1]),
-                    UpDownBlock2d(
-                        hidden[i - 1], hidden[i], mode="down", enabled=cfg.switch_level[i - 1], **kw
-                    ),
-                )
-                if i > 0
-                else nn.Identity()
-            )
-            self.down_blocks.append(
-                nn.ModuleList([block(t, i) for _ in range(cfg.blocks[0][i]) for t in cfg.level_config[i]])
-            )
-            self.down_repeat_mappers.append(
-                nn.ModuleList(
-                    [nn.Conv2d(hidden[i], hidden[i], 1, **kw) for _ in range(cfg.block_repeat[0][i] - 1)]
-                )
-            )
-
-        self.up_blocks, self.up_upscalers, self.up_repeat_mappers = (
-            nn.ModuleList(),
-            nn.ModuleList(),
-            nn.ModuleList(),
-        )
-        for i in reversed(range(n)):  # up_blocks.0 is the deepest level
-            self.up_upscalers.append(
-                nn.Sequential(
-                    LayerNorm2d(hidden[i]),
-                    UpDownBlock2d(hidden[i], hidden[i - 1], mode="up", enabled=cfg.switch_level[i - 1], **kw),
-                )
-                if i > 0
-                else nn.Identity()
-            )
-            level = nn.ModuleList()
-            for j in range(cfg.blocks[1][::-1][i]):
-                for k, t in enumerate(cfg.level_config[i]):
-                    c_skip = (
-                        hidden[i] if i < n - 1 and j == k == 0 else 0
-                    )  # first ResBlock takes the long skip
-                    level.append(block(t, i, c_skip))
-            self.up_blocks.append(level)
-            self.up_repeat_mappers.append(
-                nn.ModuleList(
-                    [
-                        nn.Conv2d(hidden[i], hidden[i], 1, **kw)
-                        for _ in range(cfg.block_repeat[1][::-1][i] - 1)
-                    ]
-                )
-            )
 
         self.clf = nn.Sequential(
             LayerNorm2d(hidden[0]),
@@ -261,11 +206,7 @@ class StageC(nn.Module):
 
     def embed_r(self, r: Tensor, **conds: Tensor | None) -> Tensor:
         """[B] noise level (+ t_conds, default 0) -> [B, c_r * (1 + len(t_conds))]."""
-        parts = [r_embedding(r, self.config.c_r)]
-        for name in self.config.t_conds:
-            value = conds.get(name)
-            parts.append(r_embedding(torch.zeros_like(r) if value is None else value.to(r), self.config.c_r))
-        return torch.cat(parts, dim=1)
+        return embed_r(self.config, r, conds)
 
     def embed_clip(self, clip_text: Tensor, clip_text_pooled: Tensor, clip_img: Tensor) -> Tensor:
         """Conditioning tokens: text [B,T,.], pooled [B,1,.], image [B,1,.] -> [B, T + 2*4, c_cond]."""
@@ -308,31 +249,5 @@ class StageC(nn.Module):
         clip = self.embed_clip(clip_text.to(dtype), clip_text_pooled.to(dtype), clip_img.to(dtype))
 
         x = self.embedding(x.contiguous(memory_format=self.memory_format))  # [B, c_hidden[0], H, W]
-        levels: list[Tensor] = []
-        for blocks, downscaler, repmap in zip(
-            self.down_blocks, self.down_downscalers, self.down_repeat_mappers, strict=True
-        ):
-            x = downscaler(x)
-            for rep in range(len(repmap) + 1):
-                for blk in blocks:
-                    x = self._run(blk, x, r_embed, clip)
-                if rep < len(repmap):
-                    x = repmap[rep](x)
-            levels.insert(0, x)
-
-        x = levels[0]
-        up_path = zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers, strict=True)
-        for u, (blocks, upscaler, repmap) in enumerate(up_path):
-            for rep in range(len(repmap) + 1):
-                for k, blk in enumerate(blocks):
-                    skip = levels[u] if k == 0 and u > 0 and isinstance(blk, ResBlock) else None
-                    if skip is not None and x.shape[-2:] != skip.shape[-2:]:
-                        x = nn.functional.interpolate(
-                            x.float(), skip.shape[-2:], mode="bilinear", align_corners=True
-                        )
-                        x = x.to(dtype)
-                    x = self._run(blk, x, r_embed, clip, skip)
-                if rep < len(repmap):
-                    x = repmap[rep](x)
-            x = upscaler(x)
+        x = walk_levels(self, x, lambda blk, h, skip: self._run(blk, h, r_embed, clip, skip), dtype)
         return self.clf(x).contiguous()  # [B, c_out, H, W], plain NCHW for the caller
