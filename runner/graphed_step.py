@@ -22,9 +22,10 @@ How it works:
   checkpoints keep exact RNG states.
 * The optimizer, clipping, the finite check, EMA and logging stay outside the graph (few launches).
 
-Limits (checked by `graph_support_problem`): CUDA only; one process (DDP's reducer hooks and FSDP's
-collectives are not captured); no scheduled sampling (its number of model calls changes per step);
-no fp16 loss scaling. Every distinct shape costs one capture and keeps its activations in the pool.
+Limits: CUDA only and one process (DDP's reducer hooks and FSDP's collectives are not captured), checked
+at run time by `graph_support_problem`; no scheduled sampling (its number of model calls changes per
+step) and no fp16 loss scaling, refused with the recipe (runner/recipe_rules.py). Every distinct shape
+costs one capture and keeps its activations in the pool.
 """
 from __future__ import annotations
 
@@ -36,25 +37,22 @@ from torch import Tensor, nn
 from cascade_core.diffusion.objective import AdaptiveLossWeight
 from cascade_core.models.text import TextConditioning
 from runner.errors import UserError
-from runner.spec import Recipe, TrainingSpec
+from runner.spec import TrainingSpec
 from runner.step import LossResult, stage_c_loss
 
 WARMUP_RUNS = 3
 
 
-def graph_support_problem(recipe: Recipe, device: torch.device, world_size: int) -> str | None:
-    """Why `performance.cuda_graphs` cannot run this recipe here (None when it can)."""
-    training = recipe.training
+def graph_support_problem(device: torch.device, world_size: int) -> str | None:
+    """Why `performance.cuda_graphs` cannot run here (None when it can): the facts known only at run time.
+
+    What the recipe alone rules out (scheduled sampling, fp16, device: cpu) is refused when it is read
+    (runner/recipe_rules.py)."""
     if device.type != "cuda":
         return f"performance.cuda_graphs needs a CUDA GPU (the run is on {device}); set it to false"
     if world_size > 1:
         return (f"performance.cuda_graphs runs in one process only (this run has {world_size}): DDP and "
                 "FSDP communicate from hooks a graph cannot capture; set it to false for torchrun runs")
-    if training.scheduled_sampling.enabled:
-        return ("performance.cuda_graphs cannot capture training.scheduled_sampling (its number of model "
-                "calls changes from step to step); disable one of them")
-    if training.precision.mixed_precision == "fp16":
-        return "performance.cuda_graphs does not support fp16 loss scaling; use mixed_precision bf16 or no"
     return None
 
 

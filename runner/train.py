@@ -179,7 +179,7 @@ def _train(loaded: LoadedRecipe, dist: Dist) -> dict:
     if recipe.performance.cuda_graphs:
         from runner.graphed_step import GraphedLoss, graph_support_problem
 
-        problem = graph_support_problem(recipe, device, dist.world_size)
+        problem = graph_support_problem(device, dist.world_size)
         if problem is not None:
             raise UserError(problem)
         graphed = GraphedLoss(prior, params, training, autocast_dtype=autocast_dtype, adaptive=adaptive,

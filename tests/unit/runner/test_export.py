@@ -297,3 +297,11 @@ def test_cli_exports_a_full_checkpoint_and_explains_wrong_arguments(golden, base
     for message, args in errors.items():
         assert _cli(*args) == 2, message
         assert message in capsys.readouterr().err
+
+
+def test_cli_lora_format_names_match_the_writers():
+    """runner/export.py keeps its own list (no heavy import for --help); it must name every writer."""
+    from runner.export import LORA_FORMATS
+    from runner.export_io import LORA_FILE_FORMATS
+
+    assert set(LORA_FORMATS) == set(LORA_FILE_FORMATS)
