@@ -7,12 +7,17 @@
    batch: samples/s and the speed-up.
 3. `recipes/stage_c_full.yaml` on the lite prior over FSDP2 on `--gpus` GPUs: step time and peak memory
    of rank 0 (the ranks are symmetric).
+4. With `--resume-check`: the FSDP run also checkpoints half-way, a second run resumes from that sharded
+   checkpoint, and the JSON lists both runs' losses. The first resumed step must repeat the uninterrupted
+   loss exactly (weights, optimizer state, batch and RNG states all come back); later steps may differ by
+   the GPU's reduction-order noise.
 Validation is off: this measures training. Each run is a separate `runner` process, as a user starts it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("bench_distributed.json"))
     parser.add_argument("--skip-single", action="store_true", help="skip the 1-GPU LoRA baseline run")
+    parser.add_argument("--skip-lora", action="store_true", help="run only the FSDP full fine-tune")
+    parser.add_argument("--resume-check", action="store_true",
+                        help="resume the FSDP run from its half-way checkpoint and compare the losses")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra recipe overrides, applied last (e.g. a CPU smoke run on tiny weights)")
     args = parser.parse_args(argv)
@@ -50,12 +58,12 @@ def main(argv: list[str] | None = None) -> int:
                f"data.cache.text_embeddings_dir={work / 'cache'}"]
     result: dict = {"gpus": args.gpus}
 
-    def train(name: str, recipe: str, nproc: int, steps: int, extra: list[str]) -> dict:
+    def train(name: str, recipe: str, nproc: int, steps: int, extra: list[str], every: int = 0) -> dict:
         launcher = [py, "-m", "runner"] if nproc == 1 else [
             py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "runner"]
         out = work / name
         overrides = [*common, f"output.dir={out}", f"training.max_steps={steps}",
-                     f"checkpoints.every_n_steps={steps}",
+                     f"checkpoints.every_n_steps={every or steps}",
                      f"training.scheduler.warmup_steps={max(1, steps // 10)}",
                      *extra, *args.override]
         wall = run([*launcher, f"recipes/{recipe}", *overrides], work / f"{name}.log")
@@ -66,20 +74,47 @@ def main(argv: list[str] | None = None) -> int:
         return metrics
 
     lora = ["model.decoder=null", "training.gradient_checkpointing=false"]
-    if not args.skip_single:
+    if not args.skip_single and not args.skip_lora:
         result["lora_1gpu"] = train("lora_1gpu", "stage_c_lite_lora.yaml", 1, args.lora_steps, lora)
-    result[f"lora_{args.gpus}gpu"] = train(f"lora_{args.gpus}gpu", "stage_c_lite_lora.yaml", args.gpus,
-                                           args.lora_steps, lora)
-    if not args.skip_single:
+    if not args.skip_lora:
+        result[f"lora_{args.gpus}gpu"] = train(f"lora_{args.gpus}gpu", "stage_c_lite_lora.yaml", args.gpus,
+                                               args.lora_steps, lora)
+    if not args.skip_single and not args.skip_lora:
         result["lora_speedup"] = round(result[f"lora_{args.gpus}gpu"]["samples_per_s"]
                                        / result["lora_1gpu"]["samples_per_s"], 2)
-    result[f"fsdp_full_{args.gpus}gpu"] = train(
-        f"fsdp_full_{args.gpus}gpu", "stage_c_full.yaml", args.gpus, args.full_steps,
-        ["model.decoder=null", "distributed.strategy=fsdp", "training.ema.enabled=false",
-         "export.full_formats=[original]", "export.dtype=bf16"])
+    full = f"fsdp_full_{args.gpus}gpu"
+    fsdp = ["model.decoder=null", "distributed.strategy=fsdp", "training.ema.enabled=false",
+            "export.full_formats=[original]", "export.dtype=bf16"]
+    half = args.full_steps // 2
+    result[full] = train(full, "stage_c_full.yaml", args.gpus, args.full_steps, fsdp,
+                         every=half if args.resume_check else 0)
+    if args.resume_check:
+        checkpoint = work / full / "checkpoints" / f"step_{half:06d}"
+        shutil.rmtree(work / f"{full}_resumed", ignore_errors=True)  # this tool's own earlier output
+        train(f"{full}_resumed", "stage_c_full.yaml", args.gpus, args.full_steps,
+              [*fsdp, f"checkpoints.resume={checkpoint}", "output.overwrite=false"], every=half)
+        result["resume_check"] = compare_losses(work / full, work / f"{full}_resumed", half)
+        print("resume_check", json.dumps(result["resume_check"]), flush=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({"lora_speedup": result.get("lora_speedup")}))
     return 0
+
+
+def compare_losses(straight: Path, resumed: Path, from_step: int) -> dict:
+    """The resumed run's logged losses next to the uninterrupted run's, step by step."""
+    def losses(out: Path) -> dict[int, float]:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows}
+
+    before, after = losses(straight), losses(resumed)
+    steps = sorted(after)
+    if not steps or steps[0] != from_step + 1:
+        raise SystemExit(f"{resumed} did not continue from step {from_step}: logged steps {steps}")
+    rel = [abs(after[s] - before[s]) / abs(before[s]) for s in steps]
+    return {"resumed_from_step": from_step, "steps": steps,
+            "loss_uninterrupted": [before[s] for s in steps], "loss_resumed": [after[s] for s in steps],
+            "first_resumed_step_equal": after[steps[0]] == before[steps[0]],
+            "max_relative_difference": max(rel)}
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -17,6 +18,12 @@ def load_tool(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def tools() -> Callable[[str], ModuleType]:
+    """`tools(name)`: the script tools/NAME.py as a module."""
+    return load_tool
 
 
 @pytest.fixture(scope="session")

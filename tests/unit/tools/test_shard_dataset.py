@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import subprocess
@@ -21,14 +20,9 @@ TOOL = REPO / "tools" / "shard_dataset.py"
 SCHEMA = json.loads((REPO / "schemas" / "shard_sample.schema.json").read_text())
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("shard_dataset_tool", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tool = _load_tool()
+@pytest.fixture(scope="module")
+def tool(tools):
+    return tools("shard_dataset")
 
 
 def make_inputs(root: Path) -> dict:
@@ -90,7 +84,7 @@ def read_back(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple[Path, Path, dict]:
+def built(tool, tmp_path_factory) -> tuple[Path, Path, dict]:
     tmp = tmp_path_factory.mktemp("shard")
     expected = make_inputs(tmp / "in")
     argv = [
@@ -137,7 +131,7 @@ def test_skipped_listed_with_reasons(built):
         assert words in reasons[path] and reasons[path]
 
 
-def test_rerun_reuses_verified_shards(built):
+def test_rerun_reuses_verified_shards(tool, built):
     tmp, out, _ = built
     first = json.loads((out / "manifest.json").read_text())["shards"]
     argv = ["--input", str(tmp / "in"), "--output", str(out), "--samples-per-shard", "4", "--min-size", "32"]
@@ -176,7 +170,7 @@ def test_parallel_cli_matches_serial(built, tmp_path):
     assert par["shards"] == json.loads((out / "manifest.json").read_text())["shards"]
 
 
-def test_max_shard_size_and_downsample(built, tmp_path):
+def test_max_shard_size_and_downsample(tool, built, tmp_path):
     tmp, _, expected = built
     argv = [
         "--input",
@@ -207,7 +201,7 @@ def test_max_shard_size_and_downsample(built, tmp_path):
     assert len(samples) == len(expected["good"]) + 2  # tiny.png and no caption.png now pass
 
 
-def test_group_files_by_bytes(tmp_path):
+def test_group_files_by_bytes(tool, tmp_path):
     files = []
     for i, n in enumerate([400, 400, 400, 2000, 100]):
         p = tmp_path / f"{i}.bin"
@@ -217,7 +211,7 @@ def test_group_files_by_bytes(tmp_path):
     assert [[p.name for p in g] for g in groups] == [["0.bin", "1.bin"], ["2.bin"], ["3.bin"], ["4.bin"]]
 
 
-def test_cli_errors(tmp_path):
+def test_cli_errors(tool, tmp_path):
     (tmp_path / "in").mkdir()
     with pytest.raises(SystemExit) as e:
         tool.main(
