@@ -168,6 +168,18 @@ def _export(args: argparse.Namespace) -> int:
     return run_export(args)
 
 
+def _push_args(parser: argparse.ArgumentParser) -> None:
+    from runner.hub_push import add_push_arguments
+
+    add_push_arguments(parser)
+
+
+def _push(args: argparse.Namespace) -> int:
+    from runner.hub_push import run_push
+
+    return run_push(args)
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command(
         "train from a recipe (the default: `runner RECIPE` is `runner train RECIPE`)", _recipe_args, _train
@@ -199,6 +211,12 @@ COMMANDS: dict[str, Command] = {
         "write a full fine-tune's checkpoint (FSDP-sharded too) as one file",
         _export_args,
         _export,
+    ),
+    "push": Command(
+        "upload a finished run (exports, model card, validation images) to the Hugging Face Hub, as "
+        "hub.push does at the end of training; also to retry a failed upload",
+        _push_args,
+        _push,
     ),
 }
 

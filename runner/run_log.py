@@ -200,6 +200,11 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines + [f"  {f}" for f in summary["files"]])
 
 
+def note(text: str) -> None:
+    """One line for the person at the terminal (stderr, without breaking the progress bar)."""
+    tqdm.write(text, file=sys.stderr)
+
+
 class RunLogger:
     """Everything a run reports, on the main rank only (other ranks get a silent instance)."""
 

@@ -41,9 +41,10 @@ from runner.cli import dump_yaml
 from runner.distributed import Dist, session
 from runner.ema import EMA
 from runner.errors import UserError
+from runner.hub_push import RECIPE_FILE, HubPusher
 from runner.optim import all_finite, build_optimizer, build_scheduler
 from runner.recipe import LoadedRecipe
-from runner.run_log import RunLogger
+from runner.run_log import RunLogger, note
 from runner.spec import Recipe
 from runner.step import loss_name, stage_c_loss
 
@@ -125,6 +126,9 @@ def _train(loaded: LoadedRecipe, dist: Dist) -> dict:
     out = Path(recipe.output.dir)
     resume_from = resolve_resume(out, recipe.checkpoints.resume)  # an explicit folder works into a new output
     dist.on_main(prepare_output_dir, out, resuming=resume_from is not None, overwrite=recipe.output.overwrite)
+    recipe_text = dump_yaml(loaded.resolved)
+    dist.on_main((out / RECIPE_FILE).write_text, recipe_text, encoding="utf-8")
+    pusher = dist.on_main(HubPusher.open, recipe.hub, note)  # fails here, not after the training
     torch.manual_seed(training.seed)  # the same on every rank: identical LoRA init and frozen parts
 
     # ---- setup: models (frozen helpers first, then the prior), data, optimizer
@@ -216,7 +220,9 @@ def _train(loaded: LoadedRecipe, dist: Dist) -> dict:
     def checkpoint() -> None:
         """Rank 0 writes the folder; every rank hands over its RNG state and under FSDP writes its shards."""
         rng_states = dist.gather_objects(capture_rng_state())
-        small = dict(scheduler_state=scheduler.state_dict(), recipe_text=dump_yaml(loaded.resolved),
+        if pusher is not None:
+            pusher.wait()  # the save below may prune the folder still going up
+        small = dict(scheduler_state=scheduler.state_dict(), recipe_text=recipe_text,
                      data_cursor={"loader": loader.state_dict(), "samples": state.samples},
                      loss_weight_state=adaptive.state_dict() if adaptive is not None else None,
                      keep_last=recipe.checkpoints.keep_last, rng_states=rng_states)
@@ -226,6 +232,8 @@ def _train(loaded: LoadedRecipe, dist: Dist) -> dict:
                                            optimizer_state=optimizer_state, **small)
             if path is not None:  # rank 0
                 logger.add_file(path.parent)
+                if pusher is not None:
+                    pusher.checkpoint_written(path)
             return
 
         def write() -> None:
@@ -233,6 +241,8 @@ def _train(loaded: LoadedRecipe, dist: Dist) -> dict:
                                    optimizer_state=optimizer.state_dict(),
                                    ema_state=ema.state_dict() if ema is not None else None, **small)
             logger.add_file(path.parent)
+            if pusher is not None:
+                pusher.checkpoint_written(path)
 
         dist.on_main(write)
 
@@ -348,4 +358,9 @@ def _train(loaded: LoadedRecipe, dist: Dist) -> dict:
             logger.add_file(path)
 
     dist.on_main(export)
-    return logger.finish(step=state.step, samples=state.samples, skipped_steps=state.skipped_nonfinite)
+    summary = logger.finish(step=state.step, samples=state.samples, skipped_steps=state.skipped_nonfinite)
+    if pusher is not None:  # rank 0; the files are all written, so a failed upload loses nothing
+        url = pusher.finish(out, loaded.resolved)
+        if url is not None:
+            note(f"pushed to {url}")
+    return summary
