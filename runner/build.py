@@ -256,7 +256,7 @@ def data_sources(recipe: Recipe) -> list:
         try:
             where = {"path": s.path} if s.type == "local" else {"urls": (s.path,)}
             sources.append(DataSource(type=s.type, **where, caption_strategy=s.caption_strategy,
-                                      instance_prompt=s.instance_prompt,
+                                      caption_field=s.caption_field, instance_prompt=s.instance_prompt,
                                       prepend_instance_prompt=s.prepend_instance_prompt,
                                       repeats=s.repeats, probability=s.probability))
         except ValueError as err:
@@ -264,13 +264,17 @@ def data_sources(recipe: Recipe) -> list:
     return sources
 
 
-def build_loader(recipe: Recipe, *, rank: int = 0, world_size: int = 1, latent_cache=None):
-    """The Stage C loader over every source: (loader, index) with buckets, crops and per-rank split."""
+def build_loader(recipe: Recipe, *, rank: int = 0, world_size: int = 1, latent_cache=None,
+                 device: torch.device | None = None):
+    """The Stage C loader over every source: (loader, index) with buckets, crops and per-rank split.
+    Batches bound for a CUDA `device` are pinned when `performance.pin_memory` is on."""
     from runner.data.loader import LoaderConfig, StageCLoader, build_index
 
     settings = loader_settings(recipe)
+    pin = recipe.performance.pin_memory and device is not None and device.type == "cuda"
     cfg = LoaderConfig(batch_size=recipe.training.batch_size, seed=recipe.training.seed,
-                       workers=recipe.data.workers, rank=rank, world_size=world_size, **settings)
+                       workers=recipe.data.workers, rank=rank, world_size=world_size, pin_memory=pin,
+                       **settings)
     shard_cache = str(Path(recipe.data.cache.latents_dir).parent / "shards")
     try:
         index = build_index(data_sources(recipe), cfg, shard_cache)

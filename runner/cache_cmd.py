@@ -77,11 +77,11 @@ def cache_latents(recipe: Recipe, device: torch.device, progress: bool = True) -
 
     effnet, identity = build_effnet(recipe, device)
     cache = LatentCache(recipe.data.cache.latents_dir, identity)
-    loader, _ = build_loader(recipe, latent_cache=cache)
+    loader, _ = build_loader(recipe, latent_cache=cache, device=device)
     total = sum(len(pb.items) for pb in loader.rank_batches())
 
     def encode(images: torch.Tensor) -> torch.Tensor:
-        return effnet(images.to(device))
+        return effnet(images.to(device, non_blocking=True))
 
     skipped: list[tuple[str, str]] = []
     started = time.perf_counter()

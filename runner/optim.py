@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from runner.errors import UserError
+
+if TYPE_CHECKING:
+    from runner.spec import OptimizerSpec
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -169,6 +172,15 @@ def build_optimizer(name: str, params: ParamsT, *, lr: float, weight_decay: floa
         raise UserError(f"optimizer {name!r} got no parameters to train; check which weights are trainable "
                          "(LoRA targets / full fine-tune settings)")
     return OPTIMIZERS[name](plist, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **extra)
+
+
+def optimizer_from_spec(spec: OptimizerSpec, params: ParamsT, lr: float) -> torch.optim.Optimizer:
+    """`build_optimizer` given every `training.optimizer` key of the recipe, per-optimizer ones too."""
+    extra: dict[str, Any] = {}
+    if spec.name == "adafactor":  # torch calls the update-clipping threshold d
+        extra = {"beta2_decay": spec.adafactor_beta2_decay, "d": spec.adafactor_clip_threshold}
+    return build_optimizer(spec.name, params, lr=lr, weight_decay=spec.weight_decay, betas=tuple(spec.betas),
+                           eps=spec.eps, **extra)
 
 
 # ---- learning-rate schedules: factor(step) multiplies the base lr; warmup is linear from 0 ----

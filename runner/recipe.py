@@ -256,6 +256,13 @@ def _describe(value: Any) -> str:
     return kind if isinstance(value, dict | list) else f"{kind} {json.dumps(value)}"
 
 
+# Keys earlier versions accepted, with what to do instead (a plain "unknown key" would leave users guessing).
+RETIRED_KEYS = {
+    "data.shuffle_buffer": "it had no effect and is gone: each epoch's whole plan is shuffled from the seed "
+                           "(exactly resumable), so delete the key",
+}
+
+
 def _suggest(word: str, choices: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
@@ -269,9 +276,13 @@ def _schema_problems(error: jsonschema.ValidationError, marks: _Marks) -> list[P
         out = []
         for key in [k for k in value if k not in allowed]:
             st = _simpletuner_names().get(str(key))
-            hint = (
-                f"; `{key}` is SimpleTuner's name: here it is `{st}`" if st else _suggest(str(key), allowed)
-            )
+            retired = RETIRED_KEYS.get(format_path(tuple(p for p in path if not isinstance(p, int)) + (key,)))
+            if retired:
+                hint = f"; {retired}"
+            elif st:
+                hint = f"; `{key}` is SimpleTuner's name: here it is `{st}`"
+            else:
+                hint = _suggest(str(key), allowed)
             if not hint:
                 hint = "; allowed keys here: " + ", ".join(allowed)
             out.append(

@@ -176,7 +176,6 @@ class DataSpec:
     sources: tuple[DataSourceSpec, ...]
     cache: CacheSpec
     workers: int
-    shuffle_buffer: int
 
 
 @dataclass(frozen=True)

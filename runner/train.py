@@ -42,7 +42,7 @@ from runner.distributed import Dist, session
 from runner.ema import EMA
 from runner.errors import UserError
 from runner.hub_push import RECIPE_FILE, HubPusher
-from runner.optim import all_finite, build_optimizer, build_scheduler
+from runner.optim import all_finite, build_scheduler, optimizer_from_spec
 from runner.recipe import LoadedRecipe
 from runner.run_log import RunLogger, note
 from runner.spec import Recipe
@@ -85,12 +85,12 @@ def _latents(batch: dict, effnet: nn.Module, latent_cache, batch_size: int,
     from cascade_core.models.effnet import imagenet_normalize
 
     def encode(images: torch.Tensor) -> torch.Tensor:
-        return effnet(images.to(device))
+        return effnet(images.to(device, non_blocking=True))  # pinned batches (performance.pin_memory)
 
     if latent_cache is not None:
         return latent_cache.complete(batch, encode, batch_size).to(device=device, dtype=torch.float32)
     with torch.no_grad():
-        return encode(imagenet_normalize(batch["images"].to(device))).float()
+        return encode(imagenet_normalize(batch["images"].to(device, non_blocking=True))).float()
 
 
 def _conditioning(captions: list[str], text, text_cache, empty, caption_dropout: float, batch_size: int,
@@ -152,16 +152,12 @@ def _train(loaded: LoadedRecipe, dist: Dist) -> dict:
         from runner.data.latent_cache import LatentCache
 
         latent_cache = LatentCache(recipe.data.cache.latents_dir, effnet_id)
-    loader, _ = build_loader(recipe, rank=dist.rank, world_size=dist.world_size, latent_cache=latent_cache)
+    loader, _ = build_loader(recipe, rank=dist.rank, world_size=dist.world_size, latent_cache=latent_cache,
+                             device=device)
     steps = total_steps(recipe, loader.steps_per_epoch())
     model = dist.wrap(prior, training.mode)  # what the step calls; `prior` stays the (sharded) StageC
     params = [p for p in prior.parameters() if p.requires_grad]
-    opt = training.optimizer
-    extra = {}
-    if opt.name == "adafactor":
-        extra = {"beta2_decay": opt.adafactor_beta2_decay}
-    optimizer = build_optimizer(opt.name, params, lr=training.learning_rate, weight_decay=opt.weight_decay,
-                                betas=tuple(opt.betas), eps=opt.eps, **extra)
+    optimizer = optimizer_from_spec(training.optimizer, params, training.learning_rate)
     sched = training.scheduler
     scheduler = build_scheduler(sched.name, optimizer, warmup_steps=sched.warmup_steps, total_steps=steps,
                                 num_cycles=sched.num_cycles, power=sched.power,

@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", required=True, type=Path, help="folder for shard-*.tar and manifest.json")
     p.add_argument("--caption-strategy", choices=CAPTION_STRATEGIES, default="textfile")
     p.add_argument("--instance-prompt", help="caption for every image (caption strategy instanceprompt)")
+    p.add_argument("--caption-field", default="caption",
+                   help="caption strategy json: the field of each image's .json holding its caption (a.b for "
+                        "nested; default caption)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--samples-per-shard", type=int, help="input images per shard (default 1000)")
     size.add_argument("--max-shard-size", type=float, help="MB of input image bytes per shard")
@@ -108,7 +111,7 @@ def make_sample(path: Path, rel: str, key: str, opts: dict) -> dict:
     rules = SizeRules(opts["min_size"], opts["max_size"], opts["target_downsample_size"])
     if rules.too_small(ow, oh):
         raise ValueError(f"too small: {ow}x{oh} has fewer than {opts['min_size']}^2 pixels")
-    caps = captions_for_file(path, opts["caption_strategy"], opts["instance_prompt"])
+    caps = captions_for_file(path, opts["caption_strategy"], opts["instance_prompt"], opts["caption_field"])
     down = rules.downsample_size(ow, oh)
     if down is not None:
         im = im.resize(down, Image.Resampling.LANCZOS)
@@ -208,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = {
         "caption_strategy": args.caption_strategy,
         "instance_prompt": args.instance_prompt,
+        "caption_field": args.caption_field,
         "min_size": args.min_size,
         "max_size": args.max_size,
         "target_downsample_size": args.target_downsample_size,

@@ -40,6 +40,7 @@ class LoaderConfig:
     workers: int = 0
     rank: int = 0
     world_size: int = 1
+    pin_memory: bool = False  # page-locked batches, so the copy to the GPU can overlap compute
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -297,7 +298,7 @@ class StageCLoader:
         # (which creates one mid-epoch) would diverge from an uninterrupted one.
         generator = torch.Generator().manual_seed(self.cfg.seed + self.epoch)
         loader = DataLoader(ds, batch_size=None, num_workers=self.cfg.workers, collate_fn=_identity,
-                            generator=generator)
+                            generator=generator, pin_memory=self.cfg.pin_memory)
         for batch in loader:
             self.cursor += 1
             yield batch

@@ -45,6 +45,7 @@ class SourceSpec:
     path: str | None = None
     urls: tuple[str, ...] = ()
     caption_strategy: str = "textfile"
+    caption_field: str = "caption"  # caption_strategy json: the field (a.b for nested) holding the caption
     instance_prompt: str | None = None
     prepend_instance_prompt: bool = False
     repeats: int = 0
@@ -128,16 +129,23 @@ def split_captions(text: str) -> tuple[str, ...]:
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
-def _json_captions(meta: dict, where: str) -> tuple[str, ...]:
-    cap = meta.get("caption")
+def _json_captions(meta: dict, where: str, field: str) -> tuple[str, ...]:
+    """The caption(s) at `field` of a JSON object: a string or a list of strings; `a.b` walks into
+    nested objects (img2dataset / LAION metadata keeps captions at different places)."""
+    cap: object = meta
+    for part in field.split("."):
+        cap = cap.get(part) if isinstance(cap, dict) else None
     caps = (cap,) if isinstance(cap, str) else tuple(cap) if isinstance(cap, list) else ()
     caps = tuple(c.strip() for c in caps if isinstance(c, str) and c.strip())
     if not caps:
-        raise CaptionError(f"no non-empty 'caption' field in {where}")
+        keys = ", ".join(sorted(meta)[:8]) or "none"
+        raise CaptionError(f"no non-empty {field!r} field in {where} (its keys: {keys}); set the source's "
+                           "caption_field")
     return caps
 
 
-def captions_for_file(image: Path, strategy: str, instance_prompt: str | None) -> tuple[str, ...]:
+def captions_for_file(image: Path, strategy: str, instance_prompt: str | None,
+                      caption_field: str = "caption") -> tuple[str, ...]:
     """Captions of a loose image file: its stem, sibling .txt, the instance prompt or sibling .json."""
     if strategy == "filename":
         caps = split_captions(image.stem.replace("_", " "))
@@ -156,7 +164,7 @@ def captions_for_file(image: Path, strategy: str, instance_prompt: str | None) -
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CaptionError(f"unreadable {meta_path.name}: {e}") from None
-        caps = _json_captions(meta if isinstance(meta, dict) else {}, meta_path.name)
+        caps = _json_captions(meta if isinstance(meta, dict) else {}, meta_path.name, caption_field)
     else:
         raise ValueError(f"caption_strategy {strategy!r} is not one of {CAPTION_STRATEGIES}")
     if not caps:
@@ -190,7 +198,7 @@ def index_local(spec: SourceSpec) -> IndexReport:
             report.skipped.append((rel, f"unreadable image: {e}"))
             continue
         try:
-            caps = captions_for_file(p, spec.caption_strategy, spec.instance_prompt)
+            caps = captions_for_file(p, spec.caption_strategy, spec.instance_prompt, spec.caption_field)
         except CaptionError as e:
             report.skipped.append((rel, str(e)))
             continue
@@ -271,7 +279,7 @@ def _shard_captions(
             raise CaptionError("missing caption (.txt member)")
         caps = split_captions(_read_at(tar, *hit).decode("utf-8", errors="replace"))
     elif strategy == "json":
-        caps = _json_captions(meta or {}, f"{key}.json")
+        caps = _json_captions(meta or {}, f"{key}.json", spec.caption_field)
     else:
         stem = Path((meta or {}).get("source_path", key)).stem
         caps = split_captions(stem.replace("_", " "))

@@ -14,6 +14,7 @@ from runner.optim import (
     build_optimizer,
     build_scheduler,
     clip_gradients,
+    optimizer_from_spec,
     stochastic_round_to_bf16,
 )
 
@@ -107,6 +108,21 @@ def test_adafactor_builds_or_names_the_fix(monkeypatch):
     monkeypatch.delattr(torch.optim, "Adafactor")
     with pytest.raises(UserError, match="torch.optim.Adafactor"):
         build_optimizer("adafactor", [p], **ADAM)
+
+
+def test_every_optimizer_key_of_the_recipe_reaches_the_optimizer():
+    from runner.spec import OptimizerSpec
+
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    spec = OptimizerSpec(name="adafactor", betas=(0.9, 0.999), eps=1e-3, weight_decay=0.01,
+                         adafactor_beta2_decay=-0.6, adafactor_clip_threshold=1.5)
+    group = optimizer_from_spec(spec, [p], lr=2e-3).param_groups[0]
+    assert (group["lr"], group["eps"], group["weight_decay"]) == (2e-3, (None, 1e-3), 0.01)
+    assert (group["beta2_decay"], group["d"]) == (-0.6, 1.5)
+    adamw = OptimizerSpec(name="adamw", betas=(0.8, 0.95), eps=1e-7, weight_decay=0.1,
+                          adafactor_beta2_decay=-0.6, adafactor_clip_threshold=0.5)
+    group = optimizer_from_spec(adamw, [p], lr=1e-4).param_groups[0]
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.8, 0.95), 1e-7, 0.1)
 
 
 def _lrs(name: str, steps: int, **kw) -> list[float]:

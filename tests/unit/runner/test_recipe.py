@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 
 from runner.errors import UserError
-from runner.recipe import RecipeError, load_schema, parse_scalar, read_recipe
+from runner.recipe import RETIRED_KEYS, RecipeError, load_schema, parse_scalar, read_recipe
 from runner.recipe_rules import is_local_path
 
 REPO = Path(__file__).resolve().parents[3]
@@ -187,6 +187,12 @@ def test_unknown_top_level_key_lists_allowed_keys(tmp_path: Path) -> None:
     found = problems(write(tmp_path, MINIMAL + "zzz: 1\n"))
     assert found == [("zzz", f"{tmp_path / 'r.yaml'}:19:1", found[0][2])]
     assert "allowed keys here: device, output, model" in found[0][2]
+
+
+def test_a_retired_key_says_what_to_do(tmp_path: Path) -> None:
+    found = problems(write(tmp_path, MINIMAL.replace("data:\n", "data:\n  shuffle_buffer: 500\n")))
+    assert [(p, m) for p, _, m in found] == [
+        ("data.shuffle_buffer", "unknown key 'shuffle_buffer'; " + RETIRED_KEYS["data.shuffle_buffer"])]
 
 
 def test_missing_required_key_and_bad_yaml(tmp_path: Path) -> None:

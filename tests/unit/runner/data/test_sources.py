@@ -55,6 +55,33 @@ def test_caption_strategies(image_folder: Path):
     assert len(by["json"].skipped) == 24 and "missing caption file" in by["json"].skipped[0][1]
 
 
+def test_json_captions_from_the_named_field(image_folder: Path, tmp_path: Path):
+    """caption_field picks the caption's field (nested with a.b), for loose files and shard members
+    alike; a sample without it is skipped with the keys it does have."""
+    Image.new("RGB", (50, 50)).save(image_folder / "a.png")
+    (image_folder / "a.json").write_text(json.dumps({"meta": {"prompt": "nested one"}, "caption": "no"}))
+    Image.new("RGB", (50, 50)).save(image_folder / "b.png")
+    (image_folder / "b.json").write_text(json.dumps({"caption": "only the default"}))
+    spec = SourceSpec(type="local", path=str(image_folder), caption_strategy="json",
+                      caption_field="meta.prompt")
+    report = index_local(spec)
+    assert [(r.key, r.captions) for r in report.samples] == [("a.png", ("nested one",))]
+    reason = dict(report.skipped)["b.png"]
+    assert "no non-empty 'meta.prompt' field in b.json (its keys: caption)" in reason
+    assert "caption_field" in reason
+
+    import webdataset as wds
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buf, format="PNG")
+    with wds.TarWriter(str(tmp_path / "s.tar")) as sink:
+        meta = json.dumps({"TEXT": "laion style"}).encode()
+        sink.write({"__key__": "k0", "png": buf.getvalue(), "json": meta})
+    shards = SourceSpec(type="webdataset", urls=(str(tmp_path / "s.tar"),), caption_strategy="json",
+                        caption_field="TEXT")
+    assert [r.captions for r in index_webdataset(shards).samples] == [("laion style",)]
+
+
 def test_source_spec_errors():
     with pytest.raises(ValueError) as e:
         SourceSpec(type="s3", caption_strategy="parquet", repeats=-1, probability=0)
