@@ -326,7 +326,19 @@ def make_plan(loaded: LoadedRecipe) -> dict[str, Any]:
         },
         "int8_quality": None if base == "no_change" else {"backend": base, **INT8_QUALITY},
         "scheduled_sampling": rollout_cost(recipe, steps),
+        "hub": hub_plan(recipe),
     }
+
+
+def hub_plan(recipe: Recipe) -> dict[str, Any] | None:
+    """What the run would upload and whether a token is there (read locally; the hub is not asked)."""
+    hub = recipe.hub
+    if not (hub.push or hub.push_checkpoints):
+        return None
+    from huggingface_hub import get_token
+
+    return {"repo": hub.model_id, "private": hub.private, "at_end": hub.push,
+            "checkpoints": hub.push_checkpoints, "token_found": get_token() is not None}
 
 
 def run_plan(recipe_path: str, overrides: list[str], as_json: bool) -> int:

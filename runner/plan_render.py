@@ -141,4 +141,20 @@ def render_plan(plan: dict[str, Any]) -> list[str]:
         *_render_data(plan),
         *_render_cache(plan),
         *_render_memory(plan),
+        *_render_hub(plan),
     ]
+
+
+def _render_hub(plan: dict[str, Any]) -> list[str]:
+    hub = plan.get("hub")
+    if hub is None:
+        return []
+    parts = (("each checkpoint", hub["checkpoints"]),
+             ("the exports, model card and images at the end", hub["at_end"]))
+    what = " and ".join(part for part, on in parts if on)
+    if hub["token_found"]:
+        token = "a token is there (its write access is checked when training starts)"
+    else:
+        token = "NO token found: run `hf auth login` or set HF_TOKEN before training, which stops otherwise"
+    visibility = "private" if hub["private"] else "public"
+    return ["", f"hub: uploads {what} to {hub['repo']} ({visibility} if new); {token}"]

@@ -73,6 +73,24 @@ def test_plan_offline_lists_hub_files_without_fetching(offline_hub, capsys) -> N
     assert not any(offline_hub.iterdir()), "plan must not write into the hub cache"
 
 
+def test_plan_says_what_goes_to_the_hub_and_if_a_token_is_there(offline_hub, capsys, monkeypatch) -> None:
+    import huggingface_hub
+
+    push = ["hub.model_id=me/fox", "hub.push=true"]
+    assert main(["plan", LORA]) == 0
+    assert "# hub:" not in capsys.readouterr().out  # uploads nothing
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert main(["plan", LORA, *push, "hub.push_checkpoints=true"]) == 0
+    out = capsys.readouterr().out
+    assert ("# hub: uploads each checkpoint and the exports, model card and images at the end to me/fox "
+            "(private if new); NO token found: run `hf auth login`") in out
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_x")
+    assert main(["plan", LORA, *push, "hub.private=false", "--json"]) == 0
+    hub = json.loads(capsys.readouterr().out)["hub"]
+    assert hub == {"repo": "me/fox", "private": False, "at_end": True, "checkpoints": False,
+                   "token_found": True}
+
+
 def test_plan_sees_files_already_in_the_hub_cache(offline_hub, capsys) -> None:
     repo = offline_hub / "models--stabilityai--stable-cascade"
     (repo / "refs").mkdir(parents=True)
