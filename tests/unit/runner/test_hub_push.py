@@ -180,6 +180,8 @@ def finished_run(out: Path, hub_section: dict | None = None) -> Path:
     """What a finished LoRA run leaves in output.dir, written by hand (no training)."""
     (out / "export").mkdir(parents=True)
     (out / "export/lora_native.safetensors").write_bytes(b"weights")
+    (out / "export/prior").mkdir()  # a diffusers-layout export is a folder
+    (out / "export/prior/config.json").write_text("{}")
     (out / "export/README.txt").write_text("lora_native.safetensors\n  loads in: cascade-runner\n")
     for step in ("step_000002", "step_000004"):
         shown = out / "validation" / step
@@ -225,6 +227,7 @@ def test_runner_push_uploads_a_finished_run(tmp_path, hub, capsys):
     assert hub.calls[0] == ("create_repo", {"private": False, "exist_ok": True})
     assert (repo / "checkpoints/step_000004/meta.json").is_file()
     assert (repo / "lora_native.safetensors").read_bytes() == b"weights"
+    assert (repo / "prior/config.json").read_text() == "{}"  # where stabilityai/stable-cascade-prior has it
     assert not (repo / "README.txt").exists()  # its text is in README.md
     assert (repo / "validation/grid.png").read_bytes() == b"step_000004"  # the last validation only
     assert (repo / "training/recipe.yaml").is_file()
