@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from stage_c_like import TinyNet  # tests/unit/cascade_core/stage_c_like.py
 from torch import nn
 
-from cascade_core.models.blocks import AttnBlock, ResBlock
 from cascade_core.peft.lora import LoRAInt8Linear, inject_lora, lora_parameters, merge_lora
 from cascade_core.quant.int8 import (
     Int8Linear,
@@ -24,20 +24,6 @@ from cascade_core.quant.int8 import (
 # Rounding w / s to the nearest integer is off by at most 1/2; the float32 division adds at most
 # one ulp of |w / s| <= 127, i.e. 127 * 2^-23, and the product q * s one ulp of |w| <= 127 s.
 BOUND = 0.5 + 2 * 127 * 2.0**-23
-
-
-class TinyNet(nn.Module):
-    def __init__(self, c: int = 16, c_cond: int = 8) -> None:
-        super().__init__()
-        self.embedding = nn.Sequential(nn.Identity(), nn.Conv2d(4, c, 1))
-        self.down_blocks = nn.ModuleList([nn.ModuleList([ResBlock(c), AttnBlock(c, c_cond, nhead=2)])])
-        self.clf = nn.Sequential(nn.Identity(), nn.Conv2d(c, 4, 1))
-
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        x = self.embedding(x)
-        for block in self.down_blocks[0]:
-            x = block(x, cond) if isinstance(block, AttnBlock) else block(x)
-        return self.clf(x)
 
 
 @pytest.fixture

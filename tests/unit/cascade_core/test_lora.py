@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from stage_c_like import TinyNet  # tests/unit/cascade_core/stage_c_like.py
 from torch import nn
 
-from cascade_core.models.blocks import AttnBlock, ResBlock
 from cascade_core.peft.lora import (
     LoRAAdapter,
     LoRAConv2d,
@@ -26,23 +26,6 @@ from cascade_core.peft.lora import (
     set_lora_strength,
     unmerge_lora,
 )
-
-
-class TinyNet(nn.Module):
-    """Stage C-like names: 1x1 conv stem/head, a ResBlock and an AttnBlock with the fused in-projection."""
-
-    def __init__(self, c: int = 16, c_cond: int = 8) -> None:
-        super().__init__()
-        self.embedding = nn.Sequential(nn.Identity(), nn.Conv2d(4, c, 1))
-        self.down_blocks = nn.ModuleList([nn.ModuleList([ResBlock(c), AttnBlock(c, c_cond, nhead=2)])])
-        self.clf = nn.Sequential(nn.Identity(), nn.Conv2d(c, 4, 1))
-
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        x = self.embedding(x)
-        for block in self.down_blocks[0]:
-            x = block(x, cond) if isinstance(block, AttnBlock) else block(x)
-        return self.clf(x)
-
 
 ATTN = "down_blocks.0.1.attention.attn"
 
