@@ -26,6 +26,14 @@ model:
   effnet: {{path: {ckpt}, filename: effnet_encoder.safetensors}}
 """
 
+# `{decoder}` in a body: the tiny Previewer and validation decoder (Stage B lite + Stage A), as `model:` keys.
+TINY_DECODER = """  previewer: {{path: {ckpt}, filename: previewer.safetensors}}
+  decoder:
+    flavour: tiny
+    source: {{path: {ckpt}, subfolder: decoder_lite}}
+    stage_a: {{path: {ckpt}, subfolder: vqgan}}
+"""
+
 RecipeWriter = Callable[[str, Path, str], Path]
 Squares = Sequence[tuple[str, tuple[int, int]]]
 Captioned = Sequence[tuple[str, tuple[int, int], "str | None"]]
@@ -34,12 +42,14 @@ Captioned = Sequence[tuple[str, tuple[int, int], "str | None"]]
 @pytest.fixture
 def write_tiny_recipe(tmp_path: Path, tiny_checkpoints: Path) -> RecipeWriter:
     """`write(body, data, filename)`: TINY_HEAD + body written to tmp_path/filename, with {out} =
-    tmp_path/run, {ckpt} = the tiny checkpoints, {data} = `data` and {cache} = tmp_path/cache."""
+    tmp_path/run, {ckpt} = the tiny checkpoints, {data} = `data`, {cache} = tmp_path/cache and
+    {decoder} = TINY_DECODER."""
 
     def write(body: str, data: Path, filename: str) -> Path:
         path = tmp_path / filename
         text = (TINY_HEAD + body).format(
-            out=tmp_path / "run", ckpt=tiny_checkpoints, data=data, cache=tmp_path / "cache"
+            out=tmp_path / "run", ckpt=tiny_checkpoints, data=data, cache=tmp_path / "cache",
+            decoder=TINY_DECODER.format(ckpt=tiny_checkpoints),
         )
         path.write_text(text, encoding="utf-8")
         return path

@@ -22,12 +22,7 @@ from runner.errors import UserError
 from runner.recipe import read_recipe
 from runner.train import train
 
-BODY = """  previewer: {{path: {ckpt}, filename: previewer.safetensors}}
-  decoder:
-    flavour: tiny
-    source: {{path: {ckpt}, subfolder: decoder_lite}}
-    stage_a: {{path: {ckpt}, subfolder: vqgan}}
-training:
+BODY = """{decoder}training:
   mode: lora
   lora: {{rank: 4, alpha: 4}}
   batch_size: 2

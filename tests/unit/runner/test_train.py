@@ -14,12 +14,7 @@ from runner.recipe import read_recipe
 from runner.train import NonFiniteLossError, train
 
 # what follows conftest.TINY_HEAD (the tiny models) in this file's recipe
-RECIPE = """  previewer: {{path: {ckpt}, filename: previewer.safetensors}}
-  decoder:
-    flavour: tiny
-    source: {{path: {ckpt}, subfolder: decoder_lite}}
-    stage_a: {{path: {ckpt}, subfolder: vqgan}}
-training:
+RECIPE = """{decoder}training:
   mode: lora
   lora: {{rank: 4, alpha: 4}}
   batch_size: 2
