@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -53,6 +54,8 @@ def test_run_and_resume_wrote_every_step(quickstart):
     assert checkpoints == ["step_000020", "step_000030"]  # keep_last: 2
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000030"
     assert Image.open(out / "loss_curve.png").size[0] > 100
+    used = yaml.safe_load((out / "recipe.resolved.yaml").read_text())  # the resumed session's recipe
+    assert used["training"]["max_steps"] == TOTAL_STEPS and used["checkpoints"]["resume"] == "latest"
 
 
 def test_validation_images_have_the_requested_size(quickstart):
