@@ -31,6 +31,8 @@ __all__ = ["RECIPE_FILE", "HubPusher", "open_repo", "run_files", "model_card", "
 
 RECIPE_FILE = "recipe.resolved.yaml"  # output.dir: the latest session's recipe, defaults and overrides in
 CARD_NAME = "README.md"
+STABILITY_REPOS = "stabilityai/stable-cascade"  # -prior too
+STABILITY_LICENSE = "https://huggingface.co/stabilityai/stable-cascade/blob/main/LICENSE"
 TRAINING_RECORD = {  # output.dir name -> name under training/ in the repo
     RECIPE_FILE: "recipe.yaml", "summary.json": "summary.json", "metrics.jsonl": "metrics.jsonl",
     "loss_curve.png": "loss_curve.png"}
@@ -105,10 +107,13 @@ def model_card(recipe: dict[str, Any], out_dir: Path, repo_id: str) -> str:
     trigger = list((recipe.get("export") or {}).get("trigger_words") or [])
     shown = _last_validation(out_dir)
     images = json.loads((shown / "settings.json").read_text(encoding="utf-8"))["images"] if shown else []
-    meta: dict[str, Any] = {}
+    meta: dict[str, Any] = {"pipeline_tag": "text-to-image"}
     base = _base_model(recipe)
     if base:
         meta["base_model"] = base
+    if base and base.startswith(STABILITY_REPOS):  # a fine-tune carries its base's licence
+        meta.update(license="other", license_name="stable-cascade-nc-community",
+                    license_link=STABILITY_LICENSE)
     meta["tags"] = ["stable-cascade", "text-to-image", "lora" if mode == "lora" else "full-fine-tune",
                     "cascade-runner"]
     if trigger:
@@ -155,7 +160,8 @@ def model_card(recipe: dict[str, Any], out_dir: Path, repo_id: str) -> str:
     lines += ["## Training", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {name} | {value} |" for name, value in rows if value is not None]
     lines += ["", "The whole recipe, defaults filled in, is `training/recipe.yaml`: point its model and data "
-              "paths at your files and `runner training/recipe.yaml` trains it again.", ""]
+              "paths at your files and `runner training/recipe.yaml` trains it again.", "",
+              "The base model's licence applies to these weights.", ""]
     return "\n".join(lines)
 
 

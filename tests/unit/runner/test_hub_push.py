@@ -143,7 +143,7 @@ def test_a_run_with_hub_push_uploads_checkpoints_exports_card_and_images(recipe,
     _, front, body = card.split("---\n", 2)
     meta = yaml.safe_load(front)
     assert meta["instance_prompt"] == "sqr" and "lora" in meta["tags"]
-    assert "base_model" not in meta  # a local folder is not a hub model to link to
+    assert "base_model" not in meta and "license" not in meta  # a local folder: nothing to link or inherit
     image = json.loads((out / "validation/step_000004/settings.json").read_text())["images"][0]
     assert meta["widget"] == [{"text": "a red square", "output": {"url": f"validation/{image['file']}"}}]
     assert "LoRA (rank 4, alpha 4)" in body and "for 4 steps" in body
@@ -227,7 +227,9 @@ def test_runner_push_uploads_a_finished_run(tmp_path, hub, capsys):
     assert (repo / "validation/grid.png").read_bytes() == b"step_000004"  # the last validation only
     assert (repo / "training/recipe.yaml").is_file()
     card = (repo / "README.md").read_text()
-    assert "base_model: stabilityai/stable-cascade-prior" in card and "full-fine-tune" in card
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["base_model"] == "stabilityai/stable-cascade-prior" and "full-fine-tune" in meta["tags"]
+    assert (meta["license"], meta["license_name"]) == ("other", "stable-cascade-nc-community")
     assert "## Training" in card and "| mode | full |" in card
     assert "pushed" in capsys.readouterr().out
 
