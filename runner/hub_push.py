@@ -39,10 +39,18 @@ TRAINING_RECORD = {  # output.dir name -> name under training/ in the repo
 NO_PUSH = "set hub.push=false and hub.push_checkpoints=false (upload later with `runner push OUTPUT_DIR`)"
 
 
-def _api(token: str | None = None) -> Any:
+def _api() -> Any:
     from huggingface_hub import HfApi
 
-    return HfApi(token=token)
+    return HfApi()
+
+
+def _upload_checkpoint(api: Any, repo_id: str, folder: Path, *, background: bool = False) -> Any:
+    """A checkpoint folder to `checkpoints/<its name>/` in the repo (a Future when `background`)."""
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder),
+                             path_in_repo=f"checkpoints/{folder.name}",
+                             commit_message=f"cascade-runner: checkpoint {folder.name}",
+                             run_as_future=background)
 
 
 def _failure(err: Exception) -> str:
@@ -213,11 +221,7 @@ class HubPusher:
         if not self.checkpoints:
             return
         self.wait()
-        future = self.api.upload_folder(repo_id=self.repo_id, folder_path=str(folder),
-                                        path_in_repo=f"checkpoints/{folder.name}",
-                                        commit_message=f"cascade-runner: checkpoint {folder.name}",
-                                        run_as_future=True)
-        self._pending = (folder.name, future)
+        self._pending = (folder.name, _upload_checkpoint(self.api, self.repo_id, folder, background=True))
 
     def finish(self, out_dir: Path, recipe: dict[str, Any]) -> str | None:
         """Wait for the checkpoint uploads, then push the run (hub.push); the commit URL or None."""
@@ -267,9 +271,7 @@ def run_push(args: argparse.Namespace) -> int:
     try:
         if args.checkpoints:
             for folder in sorted((out / "checkpoints").glob("step_*")):
-                api.upload_folder(repo_id=repo_id, folder_path=str(folder),
-                                  path_in_repo=f"checkpoints/{folder.name}",
-                                  commit_message=f"cascade-runner: checkpoint {folder.name}")
+                _upload_checkpoint(api, repo_id, folder)
                 print(f"uploaded checkpoints/{folder.name}")
         url = push_run(api, repo_id, out, recipe)
     except UserError:

@@ -226,21 +226,15 @@ def _train(loaded: LoadedRecipe, dist: Dist) -> dict:
             model_state, optimizer_state = dist.sharded_state(prior, optimizer)
             path = save_sharded_checkpoint(out, state.step, dist=dist, model_state=model_state,
                                            optimizer_state=optimizer_state, **small)
-            if path is not None:  # rank 0
-                logger.add_file(path.parent)
-                if pusher is not None:
-                    pusher.checkpoint_written(path)
-            return
-
-        def write() -> None:
-            path = save_checkpoint(out, state.step, trainable=dist.trainable_state(prior),
-                                   optimizer_state=optimizer.state_dict(),
-                                   ema_state=ema.state_dict() if ema is not None else None, **small)
+        else:
+            path = dist.on_main(lambda: save_checkpoint(
+                out, state.step, trainable=dist.trainable_state(prior),
+                optimizer_state=optimizer.state_dict(),
+                ema_state=ema.state_dict() if ema is not None else None, **small))
+        if path is not None:  # rank 0: the step folder
             logger.add_file(path.parent)
             if pusher is not None:
                 pusher.checkpoint_written(path)
-
-        dist.on_main(write)
 
     def validate() -> None:
         """Rank 0 samples with the plain prior (FSDP: a gathered copy) while the others wait."""

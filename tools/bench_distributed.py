@@ -74,12 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         return metrics
 
     lora = ["model.decoder=null", "training.gradient_checkpointing=false"]
-    if not args.skip_single and not args.skip_lora:
+    single = not (args.skip_single or args.skip_lora)  # the 1-GPU LoRA baseline
+    if single:
         result["lora_1gpu"] = train("lora_1gpu", "stage_c_lite_lora.yaml", 1, args.lora_steps, lora)
     if not args.skip_lora:
         result[f"lora_{args.gpus}gpu"] = train(f"lora_{args.gpus}gpu", "stage_c_lite_lora.yaml", args.gpus,
                                                args.lora_steps, lora)
-    if not args.skip_single and not args.skip_lora:
+    if single:
         result["lora_speedup"] = round(result[f"lora_{args.gpus}gpu"]["samples_per_s"]
                                        / result["lora_1gpu"]["samples_per_s"], 2)
     full = f"fsdp_full_{args.gpus}gpu"

@@ -109,7 +109,7 @@ class LateUpload(Future):
 @pytest.fixture
 def hub(tmp_path, monkeypatch) -> FakeHub:
     fake = FakeHub(tmp_path / "hub")
-    monkeypatch.setattr(hub_push, "_api", lambda token=None: fake)
+    monkeypatch.setattr(hub_push, "_api", lambda: fake)
     return fake
 
 
